@@ -1,0 +1,157 @@
+"""The `sdrt` command: thin. It parses, calls the library, and maps errors to one line and an exit code."""
+from __future__ import annotations
+
+import functools
+import json
+import sys
+import warnings
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+# typer >= 0.20 vendors click; take its exception classes from typer itself so either layout works.
+UsageError = typer.BadParameter.__mro__[1]
+ClickException = typer.BadParameter.__mro__[2]
+
+from .errors import MissingDependency, SdrtError
+
+app = typer.Typer(no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False,
+                  help="sdrt: a compiled inference runtime for Stable Diffusion.")
+_state = {"debug": False}
+
+
+def _fail(message: str, code: int) -> None:
+    typer.echo(f"error: {message}", err=True)
+    raise typer.Exit(code)
+
+
+def handle_errors(fn):
+    """Every command: a typed error becomes one line on stderr and its exit code (a traceback with --debug)."""
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("default")
+                warnings.showwarning = _show_warning
+                return fn(*args, **kwargs)
+        except SdrtError as e:
+            if _state["debug"]:
+                raise
+            _fail(str(e), e.exit_code)
+        except KeyboardInterrupt:
+            _fail("interrupted; nothing was written", 130)
+        except (typer.Exit, typer.Abort, ClickException):
+            raise
+        except Exception as e:  # noqa: BLE001 - the last line of defence: one line, not a traceback
+            if _state["debug"]:
+                raise
+            _fail(f"internal error: {type(e).__name__}: {e} (run with --debug for the traceback)", 1)
+    return wrapper
+
+
+def _show_warning(message, category, filename, lineno, file=None, line=None):
+    if issubclass(category, (DeprecationWarning, FutureWarning)) and not _state["debug"]:
+        return
+    typer.echo(f"warning: {message}", err=True)
+
+
+@app.callback()
+def _options(debug: bool = typer.Option(False, "--debug", help="Show tracebacks instead of one-line errors.")):
+    _state["debug"] = debug
+
+
+@app.command()
+@handle_errors
+def export(
+    src: Path = typer.Argument(..., help="A diffusers-format Stable Diffusion 1.x/2.x folder."),
+    out: Path = typer.Option(..., "--out", "-o", help="The bundle folder to write."),
+    height: Optional[int] = typer.Option(None, help="Default image height (default: the model's own)."),
+    width: Optional[int] = typer.Option(None, help="Default image width (default: the model's own)."),
+    allow_pickle: bool = typer.Option(False, "--allow-pickle", help="Load .bin/.ckpt/.pt weights (weights_only)."),
+    force: bool = typer.Option(False, "--force", help="Replace an existing bundle at --out."),
+):
+    """Export a model to an ONNX bundle, checking every graph against torch."""
+    try:
+        from .export import export_bundle
+    except ImportError as e:
+        raise MissingDependency(f"exporting needs the export extra ({e.name} is missing): "
+                                "pip install torch==2.13.0 'sdrt[export]'") from None
+    manifest = export_bundle(src, out, height, width, allow_pickle, force, log=lambda m: typer.echo(m, err=True))
+    typer.echo(f"wrote {out} ({manifest.default_width}x{manifest.default_height}, {manifest.prediction_type}, "
+               f"model hash {manifest.model_hash})")
+
+
+@app.command()
+@handle_errors
+def generate(
+    prompt: str = typer.Argument(..., help="What to draw."),
+    model: Path = typer.Option(..., "--model", "-m", help="The bundle folder (from `sdrt export`)."),
+    out: Path = typer.Option(..., "--out", "-o", help="Output PNG; with --batch N, OUT-0.png ... OUT-(N-1).png."),
+    negative_prompt: str = typer.Option("", "--negative-prompt", "-n"),
+    steps: int = typer.Option(20, "--steps"),
+    guidance: float = typer.Option(7.5, "--guidance", help="Classifier-free guidance scale; <= 1 turns it off."),
+    seed: Optional[int] = typer.Option(None, "--seed", help="Image i of a batch uses seed+i (random if omitted)."),
+    sampler: str = typer.Option("euler", "--sampler", help="Name, A1111 label or diffusers class."),
+    height: Optional[int] = typer.Option(None, "--height"),
+    width: Optional[int] = typer.Option(None, "--width"),
+    batch: int = typer.Option(1, "--batch"),
+):
+    """Generate images from a prompt."""
+    from .runtime.images import output_paths, save_all
+    from .runtime.pipeline import Pipeline
+    from .runtime.samplers import resolve
+
+    if out.suffix.lower() != ".png":
+        _fail(f"--out {str(out)!r} must end in .png", 2)
+    resolve(sampler)  # an unknown sampler fails before the bundle is loaded
+    paths = output_paths(out, batch if isinstance(batch, int) and batch > 0 else 1)
+    pipe = Pipeline.load(model)
+    with typer.progressbar(length=steps if steps > 0 else 1, label="denoising", file=sys.stderr) as bar:
+        images = pipe.txt2img(prompt, negative_prompt=negative_prompt, steps=steps, guidance=guidance, seed=seed,
+                              sampler=sampler, height=height, width=width, batch=batch,
+                              progress=lambda done, total: bar.update(1))
+    save_all(images, paths)
+    for path, image in zip(paths, images):
+        typer.echo(f"{path}  ({image.info['parameters'].splitlines()[-1]})")
+
+
+@app.command()
+@handle_errors
+def info(bundle: Path = typer.Argument(..., help="A bundle folder."),
+         as_json: bool = typer.Option(False, "--json", help="Print the manifest as JSON.")):
+    """Check a bundle's files against its manifest and describe it."""
+    from .runtime.manifest import load_manifest
+    from .runtime.samplers import SAMPLERS
+
+    m = load_manifest(bundle)
+    if as_json:
+        typer.echo(json.dumps(m.to_json(), indent=2))
+        return
+    typer.echo(f"bundle       {bundle}  ({'all files match their sha256' if m.hashed else 'not hashed: no sdrt.json'})")
+    typer.echo(f"model        hash {m.model_hash}, {m.prediction_type}, default size {m.default_width}x{m.default_height}")
+    typer.echo(f"latents      {m.latent_channels} channels, 1/{m.vae_scale_factor} of the image, "
+               f"VAE scaling factor {m.vae_scaling_factor}")
+    typer.echo(f"text         {m.tokenizer_max_length} tokens, pad id {m.tokenizer_pad_id}, hidden size {m.text_hidden_size}")
+    for comp, g in m.graphs.items():
+        ins = ", ".join(f"{t.name} {t.dtype}{list(t.shape)}" for t in g.inputs) or "read from the graph"
+        typer.echo(f"{comp:<13}{g.path}: {ins}")
+    typer.echo("samplers     " + ", ".join(f"{c.name} ({c.label})" for c in SAMPLERS.values()))
+    if m.versions:
+        typer.echo("exported by  " + ", ".join(f"{k} {v}" for k, v in m.versions.items()))
+
+
+def main(argv: list[str] | None = None) -> None:
+    try:
+        code = app(args=argv, standalone_mode=False)
+    except UsageError as e:
+        typer.echo(f"error: {e.format_message()}", err=True)
+        code = 2
+    except typer.Abort:
+        typer.echo("error: interrupted; nothing was written", err=True)
+        code = 130
+    sys.exit(code if isinstance(code, int) else 0)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,87 @@
+"""Typed errors. Each names the value, what was expected and what to do.
+
+The CLI maps each class to one line on stderr and its exit code; the Python API raises them as they are.
+"""
+from __future__ import annotations
+
+
+class SdrtError(Exception):
+    """Base of every error sdrt raises on purpose."""
+
+    exit_code = 1
+
+
+class InvalidRequest(SdrtError, ValueError):
+    """A generation or export parameter is out of range or of the wrong kind."""
+
+    exit_code = 2
+
+
+class UnknownSampler(InvalidRequest):
+    def __init__(self, name: str, known: list[str]):
+        super().__init__(f"unknown sampler {name!r}; known samplers: {', '.join(known)}")
+        self.name, self.known = name, known
+
+
+class OutputNotWritable(InvalidRequest):
+    pass
+
+
+class BundleError(SdrtError):
+    """A bundle on disk is missing, corrupt, or of another format."""
+
+    exit_code = 3
+
+
+class BundleNotFound(BundleError):
+    pass
+
+
+class BundleCorrupt(BundleError):
+    pass
+
+
+class UnsupportedBundleVersion(BundleError):
+    pass
+
+
+class SourceError(SdrtError):
+    """An export source is not a usable Stable Diffusion model folder."""
+
+    exit_code = 4
+
+
+class NotAModelFolder(SourceError):
+    pass
+
+
+class PickleRefused(SourceError):
+    pass
+
+
+class ExportFailed(SdrtError):
+    """Tracing or verification of a component failed; nothing was written."""
+
+    exit_code = 5
+
+
+class EngineError(SdrtError):
+    """An engine refused its inputs or failed while running."""
+
+    exit_code = 6
+
+
+class NonFiniteOutput(EngineError):
+    """A stage produced NaN or Inf: raised instead of returning a black image."""
+
+    def __init__(self, stage: str, step: int | None = None):
+        where = f"{stage} at step {step}" if step is not None else stage
+        super().__init__(
+            f"non-finite values (NaN/Inf) in the output of the {where}; the image was not written. "
+            "Try fp32 engines, a lower guidance scale, or another sampler."
+        )
+        self.stage, self.step = stage, step
+
+
+class MissingDependency(SdrtError):
+    exit_code = 7

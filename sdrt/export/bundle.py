@@ -1,0 +1,176 @@
+"""Write a bundle: optimum's ONNX folder layout plus the manifest `sdrt.json`, which is written last.
+
+Everything is built in a hidden temp folder beside BUNDLE and renamed into place at the end, so a failed
+or interrupted export leaves no half bundle at BUNDLE.
+"""
+from __future__ import annotations
+
+import json
+import warnings
+import shutil
+import sys
+import time
+from pathlib import Path
+
+from .. import __version__
+from ..errors import ExportFailed, InvalidRequest, OutputNotWritable
+from ..runtime import names
+from ..runtime.fsutil import atomic_write_bytes, fsync_dir, make_temp_dir, sha256_file
+from ..runtime.manifest import GraphSpec, Manifest, TensorSpec
+from ..runtime.tokenizer import ClipTokenizer, load_tokenizer_files
+from . import trace, verify
+from .source import Source, load_source
+
+# Prompts on which the runtime tokenizer must give transformers' ids before a bundle is written.
+TOKENIZER_CORPUS = [
+    "", "   ", "a photo of an astronaut riding a horse on mars",
+    "A Red CIRCLE on a blue background!!", "naïve café, Ünïcödé straße — ½ ∞ 東京 🐱🚀",
+    "don't it's we'll I'm you've they're she'd", "x" * 300,
+    ", ".join(["masterpiece", "best quality", "ultra detailed"] * 12), "line\nbreak\ttab",
+]
+
+
+def _tensor_specs(values) -> tuple[TensorSpec, ...]:
+    from onnx.helper import tensor_dtype_to_np_dtype
+
+    out = []
+    for v in values:
+        t = v.type.tensor_type
+        shape = tuple(d.dim_value if d.HasField("dim_value") else (d.dim_param or "?") for d in t.shape.dim)
+        out.append(TensorSpec(v.name, str(tensor_dtype_to_np_dtype(t.elem_type)), shape))
+    return tuple(out)
+
+
+def graph_spec(path: Path, rel: str) -> GraphSpec:
+    import onnx
+
+    model = onnx.load(str(path), load_external_data=False)
+    return GraphSpec(rel, _tensor_specs(model.graph.input), _tensor_specs(model.graph.output))
+
+
+def check_tokenizer(src_tokenizer: Path) -> tuple[ClipTokenizer, int]:
+    """Our tokenizer against transformers' on the corpus; returns it and the pad id."""
+    from transformers import CLIPTokenizer
+
+    reference = CLIPTokenizer.from_pretrained(str(src_tokenizer))
+    max_length = min(reference.model_max_length, 77)
+    ours = ClipTokenizer(load_tokenizer_files(src_tokenizer), max_length, reference.pad_token_id)
+    for prompt in TOKENIZER_CORPUS:
+        want = reference(prompt, padding="max_length", max_length=max_length, truncation=True).input_ids
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            got = ours([prompt])[0].tolist()
+        if got != want:
+            raise ExportFailed(f"the runtime tokenizer disagrees with transformers' CLIPTokenizer on {prompt!r}: "
+                               f"{got[:12]}... vs {want[:12]}...; the tokenizer files are not CLIP's")
+    return ours, reference.pad_token_id
+
+
+def _default_size(source: Source, height: int | None, width: int | None) -> tuple[int, int]:
+    scale = 2 ** (len(source.vae.config.block_out_channels) - 1)
+    native = int(source.unet.config.sample_size) * scale
+    sizes = []
+    for what, value in (("height", height), ("width", width)):
+        value = native if value is None else value
+        if isinstance(value, bool) or not isinstance(value, int) or value <= 0 or value % scale:
+            raise InvalidRequest(f"--{what} must be a positive multiple of {scale}, got {value!r}")
+        sizes.append(value)
+    return sizes[0], sizes[1]
+
+
+def _prepare_target(out: Path, force: bool) -> None:
+    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not force:
+        raise OutputNotWritable(f"{str(out)!r} already exists; choose another --out or pass --force to replace it")
+    if not out.parent.is_dir():
+        raise OutputNotWritable(f"the folder {str(out.parent)!r} does not exist; create it first")
+
+
+def _write_json(path: Path, data: dict) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+
+
+def _copy_configs(source: Source, tmp: Path, tokenizer: ClipTokenizer) -> None:
+    src = source.path
+    shutil.copy(src / "text_encoder" / "config.json", tmp / names.TEXT_ENCODER / "config.json")
+    shutil.copy(src / "unet" / "config.json", tmp / names.UNET / "config.json")
+    for comp in (names.VAE_DECODER, names.VAE_ENCODER):
+        shutil.copy(src / "vae" / "config.json", tmp / comp / "config.json")
+    (tmp / "scheduler").mkdir()
+    shutil.copy(src / "scheduler" / "scheduler_config.json", tmp / "scheduler" / "scheduler_config.json")
+    tok_dir = tmp / "tokenizer"
+    tok_dir.mkdir()
+    for f in (src / "tokenizer").iterdir():
+        if f.is_file() and f.suffix in (".json", ".txt"):
+            shutil.copy(f, tok_dir / f.name)
+    tokenizer._tok.save(str(tok_dir / "tokenizer.json"))
+    scheduler_class = source.model_index.get("scheduler", [None, "PNDMScheduler"])[1]
+    _write_json(tmp / "model_index.json", {
+        "_class_name": "OnnxStableDiffusionPipeline", "_sdrt_version": __version__,
+        **{c: ["diffusers", "OnnxRuntimeModel"] for c in names.COMPONENTS},
+        "tokenizer": ["transformers", "CLIPTokenizer"], "scheduler": ["diffusers", scheduler_class],
+        "safety_checker": [None, None], "feature_extractor": [None, None], "requires_safety_checker": False})
+
+
+def _versions() -> dict[str, str]:
+    import diffusers
+    import onnx
+    import onnxruntime
+    import torch
+    import transformers
+
+    return {"sdrt": __version__, "torch": torch.__version__, "diffusers": diffusers.__version__,
+            "transformers": transformers.__version__, "onnx": onnx.__version__,
+            "onnxruntime": onnxruntime.__version__, "python": sys.version.split()[0]}
+
+
+def export_bundle(src: Path, out: Path, height: int | None = None, width: int | None = None,
+                  allow_pickle: bool = False, force: bool = False,
+                  external_threshold: int = trace.EXTERNAL_DATA_THRESHOLD, log=print) -> Manifest:
+    out = Path(out).expanduser().resolve()
+    _prepare_target(out, force)
+    source = load_source(Path(src), allow_pickle)
+    height, width = _default_size(source, height, width)
+    tokenizer, pad_id = check_tokenizer(source.path / "tokenizer")
+    tmp = make_temp_dir(out)
+    try:
+        graphs, errors = {}, {}
+        ids = tokenizer(["a photo of a cat", ""])[:1]
+        for comp, (module, inputs, in_names, out_names, axes) in trace.components(source).items():
+            started = time.perf_counter()
+            path = trace.export_onnx(module, inputs, in_names, out_names, axes, tmp / comp, external_threshold)
+            feeds = verify.check_inputs(source, comp, height, width, ids)
+            errors[comp] = verify.verify(comp, module, path, feeds)
+            graphs[comp] = graph_spec(path, f"{comp}/{names.MODEL_FILE}")
+            log(f"{comp}: exported and checked in {time.perf_counter() - started:.1f}s "
+                f"(relative error vs torch {errors[comp]:.2e})")
+        _copy_configs(source, tmp, tokenizer)
+        files = {p.relative_to(tmp).as_posix(): sha256_file(p) for p in sorted(tmp.rglob("*")) if p.is_file()}
+        vae, unet, te = source.vae.config, source.unet.config, source.text_encoder.config
+        manifest = Manifest(
+            graphs=graphs, latent_channels=vae.latent_channels, unet_in_channels=unet.in_channels,
+            vae_scaling_factor=float(vae.scaling_factor), vae_scale_factor=2 ** (len(vae.block_out_channels) - 1),
+            prediction_type=source.scheduler_config.get("prediction_type", "epsilon"),
+            default_height=height, default_width=width, text_hidden_size=te.hidden_size,
+            tokenizer_max_length=tokenizer.max_length, tokenizer_pad_id=pad_id, files=files,
+            source_hash=source.hash, versions=_versions())
+        data = manifest.to_json()
+        data["verification"] = {"metric": "relative L2 error vs torch", "limit": verify.RELATIVE_ERROR_LIMIT,
+                                "errors": errors}
+        atomic_write_bytes(tmp / names.MANIFEST_FILE, (json.dumps(data, indent=2) + "\n").encode())
+        _swap_into_place(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return manifest
+
+
+def _swap_into_place(tmp: Path, out: Path) -> None:
+    old = None
+    if out.exists():  # only reached with force (or an empty folder)
+        old = out.with_name(f".{out.name}.old-{time.time_ns()}")
+        out.rename(old)
+    tmp.rename(out)
+    fsync_dir(out.parent)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)

@@ -1,0 +1,176 @@
+"""The bundle manifest `sdrt.json`: what was exported, from what, and the sha256 of every file.
+
+`load_manifest` is the first thing `Pipeline.load` does: a missing or corrupt file, a hash mismatch or an
+unknown format version stops it with a typed error before any graph is opened. A folder written by
+`optimum-cli export onnx` has no manifest; one is derived from its configs, with a warning.
+"""
+from __future__ import annotations
+
+import json
+import warnings
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from ..errors import BundleCorrupt, BundleNotFound, UnsupportedBundleVersion
+from . import names
+from .fsutil import sha256_file
+
+FORMAT = "sdrt-bundle"
+FORMAT_VERSION = 1
+REEXPORT = "re-export it with `sdrt export SRC --out BUNDLE`"
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    name: str
+    dtype: str  # numpy dtype name: float32, float16, int64, int32
+    shape: tuple  # ints are static dims, strings name dynamic ones
+
+    @classmethod
+    def from_json(cls, d: dict) -> "TensorSpec":
+        return cls(d["name"], d["dtype"], tuple(d["shape"]))
+
+    def to_json(self) -> dict:
+        return {"name": self.name, "dtype": self.dtype, "shape": list(self.shape),
+                "dynamic": [i for i, s in enumerate(self.shape) if not isinstance(s, int)]}
+
+
+@dataclass(frozen=True)
+class GraphSpec:
+    path: str  # relative to the bundle, e.g. "unet/model.onnx"
+    inputs: tuple[TensorSpec, ...] = ()  # empty when derived: read from the session instead
+    outputs: tuple[TensorSpec, ...] = ()
+
+    @classmethod
+    def from_json(cls, d: dict) -> "GraphSpec":
+        return cls(d["path"], tuple(map(TensorSpec.from_json, d["inputs"])),
+                   tuple(map(TensorSpec.from_json, d["outputs"])))
+
+    def to_json(self) -> dict:
+        return {"path": self.path, "inputs": [t.to_json() for t in self.inputs],
+                "outputs": [t.to_json() for t in self.outputs]}
+
+
+@dataclass
+class Manifest:
+    graphs: dict[str, GraphSpec]
+    latent_channels: int
+    unet_in_channels: int
+    vae_scaling_factor: float
+    vae_scale_factor: int  # image pixels per latent pixel, 8 for every released SD
+    prediction_type: str
+    default_height: int
+    default_width: int
+    text_hidden_size: int
+    tokenizer_max_length: int
+    tokenizer_pad_id: int
+    files: dict[str, str] = field(default_factory=dict)  # relative path -> sha256
+    source_hash: str | None = None
+    versions: dict[str, str] = field(default_factory=dict)
+    format_version: int = FORMAT_VERSION
+    hashed: bool = True  # False for a derived (optimum) manifest: nothing was checked
+
+    @property
+    def model_hash(self) -> str:
+        """Short hash written into PNG parameters, as A1111's "Model hash" (10 hex digits)."""
+        return (self.source_hash or "unknown")[:10]
+
+    def to_json(self) -> dict:
+        d = {k: v for k, v in asdict(self).items() if k not in ("graphs", "hashed")}
+        d["graphs"] = {k: g.to_json() for k, g in self.graphs.items()}
+        return {"format": FORMAT, **d}
+
+    @classmethod
+    def from_json(cls, d: dict) -> "Manifest":
+        fields = {k: d[k] for k in cls.__dataclass_fields__ if k not in ("graphs", "hashed") and k in d}
+        return cls(graphs={k: GraphSpec.from_json(g) for k, g in d["graphs"].items()}, **fields)
+
+
+def load_manifest(bundle: Path, verify_hashes: bool = True) -> Manifest:
+    bundle = Path(bundle)
+    if not bundle.is_dir():
+        raise BundleNotFound(f"bundle {str(bundle)!r} does not exist or is not a folder; "
+                             "export one with `sdrt export SRC --out BUNDLE`")
+    path = bundle / names.MANIFEST_FILE
+    if not path.exists():
+        if (bundle / "model_index.json").exists() and (bundle / names.UNET / names.MODEL_FILE).exists():
+            return derive_manifest(bundle)
+        raise BundleNotFound(f"{str(bundle)!r} is not an sdrt bundle: it has no {names.MANIFEST_FILE} "
+                             f"(and no optimum layout with unet/{names.MODEL_FILE}); {REEXPORT}")
+    manifest = _parse(path)
+    if verify_hashes:
+        verify_files(bundle, manifest)
+    return manifest
+
+
+def _parse(path: Path) -> Manifest:
+    try:
+        raw = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise BundleCorrupt(f"{str(path)!r} is unreadable or not valid JSON ({e}); {REEXPORT}") from None
+    if not isinstance(raw, dict) or raw.get("format") != FORMAT:
+        raise BundleCorrupt(f"{str(path)!r} is not an sdrt manifest (expected \"format\": \"{FORMAT}\"); {REEXPORT}")
+    version = raw.get("format_version")
+    if version != FORMAT_VERSION:
+        raise UnsupportedBundleVersion(
+            f"{str(path)!r} has format version {version!r}, this sdrt reads version {FORMAT_VERSION}; "
+            f"{REEXPORT} with this sdrt, or install the sdrt that wrote it")
+    try:
+        manifest = Manifest.from_json(raw)
+    except (KeyError, TypeError, ValueError) as e:
+        raise BundleCorrupt(f"{str(path)!r} is missing or has a malformed field ({e!r}); {REEXPORT}") from None
+    missing = [c for c in names.REQUIRED_COMPONENTS if c not in manifest.graphs]
+    if missing:
+        raise BundleCorrupt(f"{str(path)!r} lists no graph for {', '.join(missing)}; {REEXPORT}")
+    return manifest
+
+
+def verify_files(bundle: Path, manifest: Manifest) -> None:
+    for rel, digest in sorted(manifest.files.items()):
+        f = bundle / rel
+        if not f.is_file():
+            raise BundleCorrupt(f"bundle file {str(f)!r} is missing; {REEXPORT}")
+        if sha256_file(f) != digest:
+            raise BundleCorrupt(f"bundle file {str(f)!r} does not match its sha256 in {names.MANIFEST_FILE} "
+                                f"(corrupt or modified); {REEXPORT}")
+    for comp, graph in manifest.graphs.items():
+        if graph.path not in manifest.files:
+            raise BundleCorrupt(f"graph {comp} ({graph.path}) is not hashed in {names.MANIFEST_FILE}; {REEXPORT}")
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError) as e:
+        raise BundleCorrupt(f"{str(path)!r} is missing or not valid JSON ({e}); the folder is incomplete") from None
+
+
+def derive_manifest(bundle: Path) -> Manifest:
+    """A manifest for a folder written by optimum: read from its configs, nothing hashed."""
+    warnings.warn(f"{str(bundle)!r} has no {names.MANIFEST_FILE} (an optimum export?): its configuration was "
+                  "derived from its files and nothing was hashed", stacklevel=3)
+    from .tokenizer import read_pad_id  # local: tokenizer imports manifest for its error text
+
+    unet = _read_json(bundle / names.UNET / "config.json")
+    vae = _read_json(bundle / names.VAE_DECODER / "config.json")
+    text = _read_json(bundle / names.TEXT_ENCODER / "config.json")
+    sched_path = bundle / "scheduler" / "scheduler_config.json"
+    sched = _read_json(sched_path) if sched_path.exists() else {}
+    scale = 2 ** (len(vae.get("block_out_channels", [0, 0, 0, 0])) - 1)
+    size = int(unet.get("sample_size", 64)) * scale
+    graphs = {c: GraphSpec(f"{c}/{names.MODEL_FILE}") for c in names.COMPONENTS
+              if (bundle / c / names.MODEL_FILE).exists()}
+    return Manifest(
+        graphs=graphs,
+        latent_channels=int(vae.get("latent_channels", 4)),
+        unet_in_channels=int(unet.get("in_channels", 4)),
+        vae_scaling_factor=float(vae.get("scaling_factor", 0.18215)),
+        vae_scale_factor=scale,
+        prediction_type=sched.get("prediction_type", "epsilon"),
+        default_height=size, default_width=size,
+        text_hidden_size=int(text.get("hidden_size", 768)),
+        tokenizer_max_length=int(text.get("max_position_embeddings", 77)),
+        tokenizer_pad_id=read_pad_id(bundle / "tokenizer"),
+        hashed=False,
+    )

@@ -1,0 +1,146 @@
+"""The Stable Diffusion pipeline over a bundle: tokenize, encode, denoise, decode. Pure numpy around the engines.
+
+The denoise loop (Rombach et al. 2022, with classifier-free guidance, Ho & Salimans 2022) is `_denoise`;
+everything else prepares its inputs or checks its outputs.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+
+from .. import __version__
+from ..errors import BundleCorrupt, InvalidRequest, NonFiniteOutput
+from . import names, request
+from .engine import Engine, OrtEngine
+from .images import a1111_parameters, to_pil
+from .manifest import Manifest, load_manifest
+from .samplers import Sampler, SchedulerConfig, resolve
+from .tokenizer import ClipTokenizer
+
+BACKENDS = ("auto", "onnxruntime")
+Progress = Callable[[int, int], None]
+
+
+class Pipeline:
+    def __init__(self, path: Path, manifest: Manifest, engines: dict[str, Engine], tokenizer: ClipTokenizer,
+                 scheduler_config: dict):
+        self.path, self.manifest, self.engines = path, manifest, engines
+        self.tokenizer, self.scheduler_config = tokenizer, scheduler_config
+
+    @classmethod
+    def load(cls, path: str | Path, backend: str = "auto", threads: int | None = None) -> "Pipeline":
+        """Validate the bundle's manifest and hashes, then open its graphs."""
+        if backend not in BACKENDS:
+            raise InvalidRequest(f"backend {backend!r} is not one of {', '.join(BACKENDS)}")
+        path = Path(path).expanduser()
+        manifest = load_manifest(path)
+        engines = {comp: OrtEngine(path / g.path, comp, threads) for comp, g in manifest.graphs.items()
+                   if comp in names.REQUIRED_COMPONENTS}
+        _check_io(manifest, engines)
+        tokenizer = ClipTokenizer.from_folder(path / "tokenizer", manifest.tokenizer_max_length,
+                                              manifest.tokenizer_pad_id)
+        sched_file = path / "scheduler" / "scheduler_config.json"
+        sched = json.loads(sched_file.read_text()) if sched_file.exists() else {}
+        sched["prediction_type"] = manifest.prediction_type
+        SchedulerConfig.from_dict(sched)  # refuse an unusable config at load, not at the first request
+        return cls(path, manifest, engines, tokenizer, sched)
+
+    # -- the three stages -------------------------------------------------------------------------
+    def encode_prompt(self, prompts: list[str]) -> np.ndarray:
+        ids = self.tokenizer(prompts)  # (N, 77)
+        hidden = self.engines[names.TEXT_ENCODER](**{names.INPUT_IDS: ids})[names.LAST_HIDDEN_STATE]
+        return _finite(hidden.astype(np.float32), "text encoder")  # (N, 77, D)
+
+    def _denoise(self, x: np.ndarray, text: np.ndarray, sampler: Sampler, guidance: float, noise,
+                 start: int = 0, progress: Progress | None = None) -> np.ndarray:
+        """x: (B, 4, h, w) noised latents; text: (2B, 77, D) [uncond; cond] with guidance, else (B, 77, D)."""
+        cfg = guidance > 1.0  # diffusers' convention: scales <= 1 run the conditional branch alone
+        unet, total = self.engines[names.UNET], len(sampler.timesteps)
+        for i in range(start, total):
+            x_in = np.concatenate([x, x]) if cfg else x
+            t = np.full(len(x_in), sampler.timesteps[i], dtype=np.float32)
+            eps = unet(**{names.SAMPLE: sampler.scale_model_input(x_in, i), names.TIMESTEP: t,
+                          names.ENCODER_HIDDEN_STATES: text})[names.OUT_SAMPLE]
+            eps = _finite(eps.astype(np.float32), "U-Net", step=i)
+            if cfg:
+                uncond, cond = np.split(eps, 2)
+                eps = uncond + np.float32(guidance) * (cond - uncond)
+            x = sampler.step(eps, i, x, noise)
+            if progress:
+                progress(i + 1 - start, total - start)
+        return x
+
+    def decode(self, latents: np.ndarray) -> np.ndarray:
+        z = latents / np.float32(self.manifest.vae_scaling_factor)
+        pixels = self.engines[names.VAE_DECODER](**{names.LATENT_SAMPLE: z})[names.SAMPLE]
+        return _finite(pixels.astype(np.float32), "VAE decoder")  # (B, 3, H, W) in [-1, 1]
+
+    # -- modes ------------------------------------------------------------------------------------
+    def txt2img(self, prompt: str, negative_prompt: str = "", steps: int = 20, guidance: float = 7.5,
+                seed: int | None = None, sampler: str = "euler", height: int | None = None,
+                width: int | None = None, batch: int = 1, latents: np.ndarray | None = None,
+                progress: Progress | None = None) -> list:
+        """Generate `batch` images. Image i is drawn with seed+i. Returns PIL images whose
+        `info["parameters"]` holds the settings in AUTOMATIC1111's format."""
+        m = self.manifest
+        prompt = request.check_prompt(prompt)
+        negative_prompt = request.check_prompt(negative_prompt, "negative prompt")
+        steps = request.check_int(steps, "steps", 1, self.scheduler_config.get("num_train_timesteps", 1000))
+        guidance = request.check_guidance(guidance)
+        batch = request.check_int(batch, "batch", 1, request.MAX_BATCH)
+        height = request.check_size(m.default_height if height is None else height, "height", m.vae_scale_factor)
+        width = request.check_size(m.default_width if width is None else width, "width", m.vae_scale_factor)
+        sampler_cls = resolve(sampler)
+        seed = request.check_seed(seed)
+        if m.unet_in_channels != m.latent_channels:
+            raise InvalidRequest(f"this bundle's U-Net takes {m.unet_in_channels} input channels, not "
+                                 f"{m.latent_channels}: it is not a text-to-image model")
+        shape = (batch, m.latent_channels, height // m.vae_scale_factor, width // m.vae_scale_factor)
+        if latents is not None:
+            latents = request.check_latents(latents, shape)
+        if seed is None and latents is None:
+            seed = request.draw_seed()
+        noise = request.BatchNoise([(seed or 0) + i for i in range(batch)])
+
+        schedule = sampler_cls(self.scheduler_config, steps)
+        x = noise.standard_normal(shape) if latents is None else latents
+        x = x * np.float32(schedule.init_noise_sigma)  # (B, 4, H/8, W/8)
+        text = self._guided_text(prompt, negative_prompt, batch, guidance)
+        x = self._denoise(x, text, schedule, guidance, noise, progress=progress)
+        images = to_pil(self.decode(x))
+
+        for i, image in enumerate(images):
+            settings = {"Steps": steps, "Sampler": schedule.label, "CFG scale": guidance}
+            if latents is None:
+                settings["Seed"] = seed + i
+            settings.update({"Size": f"{width}x{height}", "Model hash": m.model_hash, "Model": self.path.name,
+                             "Version": f"sdrt {__version__}"})
+            image.info["parameters"] = a1111_parameters(prompt, negative_prompt, settings)
+        return images
+
+    def _guided_text(self, prompt: str, negative_prompt: str, batch: int, guidance: float) -> np.ndarray:
+        if guidance <= 1.0:
+            return np.repeat(self.encode_prompt([prompt]), batch, axis=0)  # (B, 77, D)
+        uncond, cond = np.split(self.encode_prompt([negative_prompt, prompt]), 2)
+        return np.concatenate([np.repeat(uncond, batch, axis=0), np.repeat(cond, batch, axis=0)])  # (2B, 77, D)
+
+
+def _finite(x: np.ndarray, stage: str, step: int | None = None) -> np.ndarray:
+    if not np.isfinite(x).all():
+        raise NonFiniteOutput(stage, step)
+    return x
+
+
+def _check_io(manifest: Manifest, engines: dict[str, Engine]) -> None:
+    """The graphs on disk must have the inputs and outputs the manifest promises (names, dtypes, ranks)."""
+    for comp, engine in engines.items():
+        spec = manifest.graphs[comp]
+        for promised, actual in ((spec.inputs, engine.inputs), (spec.outputs, engine.outputs)):
+            for t in promised:
+                got = actual.get(t.name)
+                if got is None or got.dtype != t.dtype or len(got.shape) != len(t.shape):
+                    raise BundleCorrupt(f"{comp} graph does not match {names.MANIFEST_FILE}: tensor {t.name!r} "
+                                        f"should be {t.dtype} {list(t.shape)}, found {got}; re-export the bundle")
