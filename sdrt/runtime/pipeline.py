@@ -59,9 +59,10 @@ class Pipeline:
         """x: (B, 4, h, w) noised latents; text: (2B, 77, D) [uncond; cond] with guidance, else (B, 77, D)."""
         cfg = guidance > 1.0  # diffusers' convention: scales <= 1 run the conditional branch alone
         unet, total = self.engines[names.UNET], len(sampler.timesteps)
+        scalar_t = len(unet.inputs[names.TIMESTEP].shape) == 0  # optimum's graphs take one scalar timestep
         for i in range(start, total):
             x_in = np.concatenate([x, x]) if cfg else x
-            t = np.full(len(x_in), sampler.timesteps[i], dtype=np.float32)
+            t = np.float32(sampler.timesteps[i]) if scalar_t else np.full(len(x_in), sampler.timesteps[i], np.float32)
             eps = unet(**{names.SAMPLE: sampler.scale_model_input(x_in, i), names.TIMESTEP: t,
                           names.ENCODER_HIDDEN_STATES: text})[names.OUT_SAMPLE]
             eps = _finite(eps.astype(np.float32), "U-Net", step=i)

@@ -94,13 +94,17 @@ class ClipTokenizer:
         """BOS + tokens + EOS, untruncated."""
         return self._tok.encode(prompt).ids
 
+    def decode(self, ids: list[int]) -> str:
+        """Ids back to text; CLIP marks word ends with </w>, which the byte-level decoder leaves in."""
+        return " ".join(self._tok.decode(ids).replace("</w>", " ").split())
+
     def __call__(self, prompts: list[str]) -> np.ndarray:
         """(N, max_length) int64 ids, truncated and padded as diffusers does."""
         out = np.full((len(prompts), self.max_length), self.pad_id, dtype=np.int64)
         for row, prompt in enumerate(prompts):
             ids = self.token_ids(prompt)
             if len(ids) > self.max_length:
-                dropped = self._tok.decode(ids[self.max_length - 1:-1])
+                dropped = self.decode(ids[self.max_length - 1:-1])
                 warnings.warn(TruncationWarning(
                     f"the prompt is longer than CLIP's {self.max_length - 2} tokens; this part was dropped: "
                     f"{dropped!r}"), stacklevel=2)

@@ -17,6 +17,8 @@ from .schedule import SchedulerConfig, alphas_cumprod, spaced_timesteps
 
 def training_sigmas(config: SchedulerConfig) -> np.ndarray:
     bar = alphas_cumprod(config)
+    if config.rescale_betas_zero_snr:
+        bar[-1] = 2.0**-24  # diffusers: keeps the terminal sigma finite (it would be infinite at zero SNR)
     return ((1 - bar) / bar) ** 0.5  # float32, ascending in t
 
 

@@ -1,0 +1,59 @@
+"""Shared fixtures: the SD1-style and SD2-style random-weight models, built and exported once per session."""
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+sys.path.insert(0, str(Path(__file__).parent))
+
+from tiny_models import build_model  # noqa: E402
+
+FAMILIES = ("sd1", "sd2")
+
+
+@pytest.fixture(scope="session")
+def models(tmp_path_factory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("models")
+    return {fam: build_model(root / fam, fam, seed=i) for i, fam in enumerate(FAMILIES)}
+
+
+@pytest.fixture(scope="session")
+def bundles(models, tmp_path_factory) -> dict[str, Path]:
+    from sdrt.export import export_bundle
+
+    root = tmp_path_factory.mktemp("bundles")
+    for fam, src in models.items():
+        export_bundle(src, root / fam, log=lambda *_: None)
+    return {fam: root / fam for fam in FAMILIES}
+
+
+@pytest.fixture(scope="session")
+def pipes(bundles):
+    import sdrt
+
+    return {fam: sdrt.Pipeline.load(path) for fam, path in bundles.items()}
+
+
+@pytest.fixture(scope="session")
+def reference(models):
+    """diffusers' StableDiffusionPipeline on the same weights."""
+    from diffusers import StableDiffusionPipeline
+
+    out = {}
+    for fam, src in models.items():
+        pipe = StableDiffusionPipeline.from_pretrained(src, safety_checker=None, requires_safety_checker=False)
+        pipe.set_progress_bar_config(disable=True)
+        out[fam] = pipe
+    return out
+
+
+def latents(batch: int = 1, seed: int = 0, size: int = 8) -> np.ndarray:
+    return np.random.default_rng(seed).standard_normal((batch, 4, size, size)).astype(np.float32)
+
+
+def pixels(images) -> np.ndarray:
+    """PIL images -> (B, H, W, 3) floats in [0, 1]."""
+    return np.stack([np.asarray(im, dtype=np.float32) / 255 for im in images])
