@@ -73,13 +73,37 @@ def export(
 ):
     """Export a model to an ONNX bundle, checking every graph against torch."""
     try:
+        import torch  # noqa: F401  (first: the one a runtime-only install lacks)
+        import diffusers  # noqa: F401, I001
+        import onnx  # noqa: F401
+        import transformers  # noqa: F401
+
         from .export import export_bundle
     except ImportError as e:
-        raise MissingDependency(f"exporting needs the export extra ({e.name} is missing): "
+        raise MissingDependency(f"exporting needs the export extra ({e.name or e} is missing): "
                                 "pip install torch==2.13.0 'sdrt[export]'") from None
     manifest = export_bundle(src, out, height, width, allow_pickle, force, log=lambda m: typer.echo(m, err=True))
     typer.echo(f"wrote {out} ({manifest.default_width}x{manifest.default_height}, {manifest.prediction_type}, "
                f"model hash {manifest.model_hash})")
+
+
+class _StepBar:
+    """A progress bar over the denoising steps, on a terminal only, started by the first step (so that a
+    request refused before any work prints nothing but its error line)."""
+
+    def __init__(self):
+        self._bar, self._show = None, sys.stderr.isatty()
+
+    def __call__(self, done: int, total: int) -> None:
+        if not self._show:
+            return
+        if self._bar is None:
+            self._bar = typer.progressbar(length=total, label="denoising", file=sys.stderr).__enter__()
+        self._bar.update(1)
+
+    def close(self) -> None:
+        if self._bar is not None:
+            self._bar.__exit__(None, None, None)
 
 
 @app.command()
@@ -102,15 +126,17 @@ def generate(
     from .runtime.pipeline import Pipeline
     from .runtime.samplers import resolve
 
+    paths = output_paths(out, batch if batch > 0 else 1)  # an unwritable --out fails before any work
     if out.suffix.lower() != ".png":
         _fail(f"--out {str(out)!r} must end in .png", 2)
-    resolve(sampler)  # an unknown sampler fails before the bundle is loaded
-    paths = output_paths(out, batch if isinstance(batch, int) and batch > 0 else 1)
+    resolve(sampler)  # so does an unknown sampler
     pipe = Pipeline.load(model)
-    with typer.progressbar(length=steps if steps > 0 else 1, label="denoising", file=sys.stderr) as bar:
+    bar = _StepBar()
+    try:
         images = pipe.txt2img(prompt, negative_prompt=negative_prompt, steps=steps, guidance=guidance, seed=seed,
-                              sampler=sampler, height=height, width=width, batch=batch,
-                              progress=lambda done, total: bar.update(1))
+                              sampler=sampler, height=height, width=width, batch=batch, progress=bar)
+    finally:
+        bar.close()
     save_all(images, paths)
     for path, image in zip(paths, images):
         typer.echo(f"{path}  ({image.info['parameters'].splitlines()[-1]})")

@@ -52,7 +52,7 @@ class Engine(ABC):
                 if value.dtype.kind != want.kind and not (value.dtype.kind in "iu" and want.kind in "iu"):
                     raise EngineError(f"{self.name}: input {key!r} is {value.dtype}, the graph expects {want}")
                 value = value.astype(want)
-            out[key] = np.ascontiguousarray(value)
+            out[key] = value if value.flags.c_contiguous else value.copy(order="C")  # keeps 0-d arrays 0-d
         return out
 
 

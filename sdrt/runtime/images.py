@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, PngImagePlugin
 
+from ..errors import OutputNotWritable
 from .fsutil import check_writable, fsync_dir, write_temp_beside
 
 
@@ -57,6 +58,9 @@ def save_all(images: list[Image.Image], paths: list[Path]) -> None:
             os.replace(tmp, path)
         for parent in {p.parent for p in paths}:
             fsync_dir(parent)
+    except OSError as e:
+        raise OutputNotWritable(f"could not write {str(e.filename or paths[0])!r}: {e.strerror or e}; "
+                                "choose another --out") from None
     finally:
         for tmp in temps:
             tmp.unlink(missing_ok=True)

@@ -1,0 +1,51 @@
+"""The runtime in a fresh process where torch, diffusers, transformers and onnx cannot be imported."""
+from __future__ import annotations
+
+import subprocess
+import sys
+import textwrap
+
+BLOCKER = textwrap.dedent("""
+    import importlib.abc, sys
+    BLOCKED = {"torch", "diffusers", "transformers", "onnx", "safetensors", "accelerate"}
+
+    class Block(importlib.abc.MetaPathFinder):
+        def find_spec(self, name, path=None, target=None):
+            if name.split(".")[0] in BLOCKED:
+                raise ModuleNotFoundError(f"No module named {name!r}", name=name)  # as if not installed
+            return None
+
+    sys.meta_path.insert(0, Block())
+""")
+
+
+def test_generates_without_torch_diffusers_transformers_or_onnx(bundles, tmp_path):
+    script = BLOCKER + textwrap.dedent(f"""
+        import sdrt, numpy as np
+        from sdrt.cli import main
+        pipe = sdrt.Pipeline.load({str(bundles['sd2'])!r})
+        image = pipe.txt2img("a red circle on a blue background", steps=3, seed=1)[0]
+        assert image.size == (64, 64) and np.asarray(image).std() > 10
+        loaded = sorted(m for m in sys.modules if m.split(".")[0] in BLOCKED)
+        assert not loaded, loaded
+        try:
+            main(["generate", "a cat", "--model", {str(bundles['sd1'])!r}, "--out", {str(tmp_path / 'cli.png')!r},
+                  "--steps", "2", "--seed", "3"])
+        except SystemExit as e:
+            assert e.code == 0, e.code
+        print("ok")
+    """)
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.strip().endswith("ok") and (tmp_path / "cli.png").is_file()
+
+
+def test_export_without_torch_says_what_to_install(tmp_path):
+    script = BLOCKER + textwrap.dedent(f"""
+        from sdrt.cli import main
+        main(["export", {str(tmp_path)!r}, "--out", {str(tmp_path / 'b')!r}])
+    """)
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 7
+    assert done.stderr.strip() == ("error: exporting needs the export extra (torch is missing): "
+                                   "pip install torch==2.13.0 'sdrt[export]'")
