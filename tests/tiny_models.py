@@ -96,3 +96,11 @@ def build_model(root: Path, family: str = "sd1", seed: int = 0, sample_size: int
         "scheduler": ["diffusers", (SD2_SCHEDULER if sd2 else SD1_SCHEDULER)["_class_name"]],
         "safety_checker": [None, None], "feature_extractor": [None, None], "requires_safety_checker": False}))
     return root
+
+
+if __name__ == "__main__":  # python tests/tiny_models.py OUT [sd1|sd2]: a model to try sdrt without real weights
+    import sys
+
+    if len(sys.argv) not in (2, 3) or (sys.argv[2:] and sys.argv[2] not in ("sd1", "sd2")):
+        sys.exit("usage: python tests/tiny_models.py OUT [sd1|sd2]")
+    print(build_model(Path(sys.argv[1]), sys.argv[2] if len(sys.argv) == 3 else "sd1"))
