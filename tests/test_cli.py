@@ -89,6 +89,15 @@ def test_export_refuses_bad_sources(models, bundles, tmp_path, capsys):
     assert [p.name for p in tmp_path.iterdir()] == []
 
 
+def test_export_refuses_a_pickle_only_source_without_the_flag(models, tmp_path, capsys):
+    from test_export import _pickle_only_copy
+
+    src = _pickle_only_copy(models, tmp_path)
+    code, _, err = run(capsys, "export", src, "--out", tmp_path / "b")
+    assert code == 4 and err.count("\n") == 1 and "pass --allow-pickle" in err
+    assert not (tmp_path / "b").exists()
+
+
 def test_export_then_info(models, tmp_path, capsys):
     code, stdout, _ = run(capsys, "export", models["sd2"], "--out", tmp_path / "b", "--width", 96)
     assert code == 0 and "96x64" in stdout
