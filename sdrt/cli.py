@@ -41,7 +41,9 @@ def handle_errors(fn):
             _fail(str(e), e.exit_code)
         except KeyboardInterrupt:
             _fail("interrupted; nothing was written", 130)
-        except (typer.Exit, typer.Abort, ClickException, BrokenPipeError):
+        except (typer.Exit, typer.Abort, ClickException):
+            raise
+        except BrokenPipeError:  # `sdrt info BUNDLE | head`: click exits 1 quietly
             raise
         except Exception as e:  # noqa: BLE001 - the last line of defence: one line, not a traceback
             if _state["debug"]:
@@ -176,9 +178,6 @@ def main(argv: list[str] | None = None) -> None:
     except typer.Abort:
         typer.echo("error: interrupted; nothing was written", err=True)
         code = 130
-    except BrokenPipeError:  # `sdrt info BUNDLE | head`: the reader left; say nothing more
-        sys.stdout = None
-        code = 0
     sys.exit(code if isinstance(code, int) else 0)
 
 
