@@ -139,7 +139,7 @@ def verify_files(bundle: Path, manifest: Manifest) -> None:
             raise BundleCorrupt(f"graph {comp} ({graph.path}) is not hashed in {names.MANIFEST_FILE}; {REEXPORT}")
 
 
-def _read_json(path: Path) -> dict[str, Any]:
+def read_json(path: Path) -> dict[str, Any]:
     try:
         return json.loads(path.read_text(encoding="utf-8"))
     except (OSError, json.JSONDecodeError) as e:
@@ -152,11 +152,11 @@ def derive_manifest(bundle: Path) -> Manifest:
                   "derived from its files and nothing was hashed", stacklevel=3)
     from .tokenizer import read_pad_id  # local: tokenizer imports manifest for its error text
 
-    unet = _read_json(bundle / names.UNET / "config.json")
-    vae = _read_json(bundle / names.VAE_DECODER / "config.json")
-    text = _read_json(bundle / names.TEXT_ENCODER / "config.json")
+    unet = read_json(bundle / names.UNET / "config.json")
+    vae = read_json(bundle / names.VAE_DECODER / "config.json")
+    text = read_json(bundle / names.TEXT_ENCODER / "config.json")
     sched_path = bundle / "scheduler" / "scheduler_config.json"
-    sched = _read_json(sched_path) if sched_path.exists() else {}
+    sched = read_json(sched_path) if sched_path.exists() else {}
     scale = 2 ** (len(vae.get("block_out_channels", [0, 0, 0, 0])) - 1)
     size = int(unet.get("sample_size", 64)) * scale
     graphs = {c: GraphSpec(f"{c}/{names.MODEL_FILE}") for c in names.COMPONENTS

@@ -5,7 +5,7 @@ everything else prepares its inputs or checks its outputs.
 """
 from __future__ import annotations
 
-import json
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
@@ -16,7 +16,7 @@ from ..errors import BundleCorrupt, InvalidRequest, NonFiniteOutput
 from . import names, request
 from .engine import Engine, OrtEngine
 from .images import a1111_parameters, to_pil
-from .manifest import Manifest, load_manifest
+from .manifest import Manifest, load_manifest, read_json
 from .samplers import Sampler, SchedulerConfig, resolve
 from .tokenizer import ClipTokenizer
 
@@ -43,7 +43,7 @@ class Pipeline:
         tokenizer = ClipTokenizer.from_folder(path / "tokenizer", manifest.tokenizer_max_length,
                                               manifest.tokenizer_pad_id)
         sched_file = path / "scheduler" / "scheduler_config.json"
-        sched = json.loads(sched_file.read_text()) if sched_file.exists() else {}
+        sched = read_json(sched_file) if sched_file.exists() else {}
         sched["prediction_type"] = manifest.prediction_type
         SchedulerConfig.from_dict(sched)  # refuse an unusable config at load, not at the first request
         return cls(path, manifest, engines, tokenizer, sched)
@@ -86,47 +86,69 @@ class Pipeline:
                 progress: Progress | None = None) -> list:
         """Generate `batch` images. Image i is drawn with seed+i. Returns PIL images whose
         `info["parameters"]` holds the settings in AUTOMATIC1111's format."""
+        job = self._job(prompt, negative_prompt, steps, guidance, seed, sampler, height, width, batch)
+        if self.manifest.unet_in_channels != self.manifest.latent_channels:
+            raise InvalidRequest(f"this bundle's U-Net takes {self.manifest.unet_in_channels} input channels, "
+                                 f"not {self.manifest.latent_channels}: it is not a text-to-image model")
+        if latents is not None:
+            latents = request.check_latents(latents, job.latent_shape)
+        solver = job.sampler_cls(self.scheduler_config, job.steps)
+        x = job.noise.standard_normal(job.latent_shape) if latents is None else latents
+        x = x * np.float32(solver.init_noise_sigma)  # (B, 4, H/8, W/8)
+        x = self._denoise(x, self._guided_text(job), solver, job.guidance, job.noise, progress=progress)
+        return self._images(self.decode(x), job, solver, seeded=latents is None)
+
+    def _job(self, prompt, negative_prompt, steps, guidance, seed, sampler, height, width, batch) -> "_Job":
+        """Check the options every mode shares; draw a seed when none is given."""
         m = self.manifest
-        prompt = request.check_prompt(prompt)
-        negative_prompt = request.check_prompt(negative_prompt, "negative prompt")
-        steps = request.check_int(steps, "steps", 1, self.scheduler_config.get("num_train_timesteps", 1000))
-        guidance = request.check_guidance(guidance)
-        batch = request.check_int(batch, "batch", 1, request.MAX_BATCH)
         height = request.check_size(m.default_height if height is None else height, "height", m.vae_scale_factor)
         width = request.check_size(m.default_width if width is None else width, "width", m.vae_scale_factor)
-        sampler_cls = resolve(sampler)
+        batch = request.check_int(batch, "batch", 1, request.MAX_BATCH)
         seed = request.check_seed(seed)
-        if m.unet_in_channels != m.latent_channels:
-            raise InvalidRequest(f"this bundle's U-Net takes {m.unet_in_channels} input channels, not "
-                                 f"{m.latent_channels}: it is not a text-to-image model")
-        shape = (batch, m.latent_channels, height // m.vae_scale_factor, width // m.vae_scale_factor)
-        if latents is not None:
-            latents = request.check_latents(latents, shape)
-        if seed is None and latents is None:
-            seed = request.draw_seed()
-        noise = request.BatchNoise([(seed or 0) + i for i in range(batch)])
+        seed = request.draw_seed() if seed is None else seed
+        return _Job(
+            prompt=request.check_prompt(prompt),
+            negative_prompt=request.check_prompt(negative_prompt, "negative prompt"),
+            steps=request.check_int(steps, "steps", 1, self.scheduler_config.get("num_train_timesteps", 1000)),
+            guidance=request.check_guidance(guidance), sampler_cls=resolve(sampler), seed=seed,
+            height=height, width=width, batch=batch,
+            latent_shape=(batch, m.latent_channels, height // m.vae_scale_factor, width // m.vae_scale_factor),
+            noise=request.BatchNoise([seed + i for i in range(batch)]))
 
-        schedule = sampler_cls(self.scheduler_config, steps)
-        x = noise.standard_normal(shape) if latents is None else latents
-        x = x * np.float32(schedule.init_noise_sigma)  # (B, 4, H/8, W/8)
-        text = self._guided_text(prompt, negative_prompt, batch, guidance)
-        x = self._denoise(x, text, schedule, guidance, noise, progress=progress)
-        images = to_pil(self.decode(x))
+    def _guided_text(self, job: "_Job") -> np.ndarray:
+        if job.guidance <= 1.0:
+            return np.repeat(self.encode_prompt([job.prompt]), job.batch, axis=0)  # (B, 77, D)
+        uncond, cond = np.split(self.encode_prompt([job.negative_prompt, job.prompt]), 2)
+        return np.concatenate([np.repeat(uncond, job.batch, axis=0), np.repeat(cond, job.batch, axis=0)])  # (2B, 77, D)
 
+    def _images(self, decoded: np.ndarray, job: "_Job", solver: Sampler, seeded: bool, **extra) -> list:
+        """PIL images with their AUTOMATIC1111 parameters. `seeded`: the initial noise came from the seed."""
+        images = to_pil(decoded)
         for i, image in enumerate(images):
-            settings = {"Steps": steps, "Sampler": schedule.label, "CFG scale": guidance}
-            if latents is None:
-                settings["Seed"] = seed + i
-            settings.update({"Size": f"{width}x{height}", "Model hash": m.model_hash, "Model": self.path.name,
-                             "Version": f"sdrt {__version__}"})
-            image.info["parameters"] = a1111_parameters(prompt, negative_prompt, settings)
+            settings = {"Steps": job.steps, "Sampler": solver.label, "CFG scale": job.guidance}
+            if seeded:
+                settings["Seed"] = job.seed + i
+            settings.update({"Size": f"{job.width}x{job.height}", "Model hash": self.manifest.model_hash,
+                             "Model": self.path.name, **extra, "Version": f"sdrt {__version__}"})
+            image.info["parameters"] = a1111_parameters(job.prompt, job.negative_prompt, settings)
         return images
 
-    def _guided_text(self, prompt: str, negative_prompt: str, batch: int, guidance: float) -> np.ndarray:
-        if guidance <= 1.0:
-            return np.repeat(self.encode_prompt([prompt]), batch, axis=0)  # (B, 77, D)
-        uncond, cond = np.split(self.encode_prompt([negative_prompt, prompt]), 2)
-        return np.concatenate([np.repeat(uncond, batch, axis=0), np.repeat(cond, batch, axis=0)])  # (2B, 77, D)
+
+@dataclass(frozen=True)
+class _Job:
+    """A request's checked options, shared by every mode."""
+
+    prompt: str
+    negative_prompt: str
+    steps: int
+    guidance: float
+    sampler_cls: type
+    seed: int
+    height: int
+    width: int
+    batch: int
+    latent_shape: tuple  # (B, 4, H/8, W/8)
+    noise: request.BatchNoise
 
 
 def _finite(x: np.ndarray, stage: str, step: int | None = None) -> np.ndarray:
