@@ -51,6 +51,7 @@ def test_external_data_round_trips_and_gives_the_same_images(models, bundles, tm
     out = tmp_path / "ext"
     export_bundle(models["sd1"], out, external_threshold=0, **QUIET)
     assert (out / "unet" / "model.onnx_data").is_file()
+    assert (out / "unet" / "model.onnx_data").stat().st_mode & 0o044 == 0o044  # readable by others, as the rest
     assert "unet/model.onnx_data" in json.loads((out / "sdrt.json").read_text())["files"]
     lat = latents(1, seed=4)
     a = pixels(sdrt.Pipeline.load(out).txt2img("a cat", steps=4, latents=lat))

@@ -15,7 +15,7 @@ from pathlib import Path
 from .. import __version__
 from ..errors import ExportFailed, InvalidRequest, OutputNotWritable
 from ..runtime import names
-from ..runtime.fsutil import atomic_write_bytes, fsync_dir, make_temp_dir, sha256_file
+from ..runtime.fsutil import atomic_write_bytes, fsync_dir, make_temp_dir, relax_permissions, sha256_file
 from ..runtime.manifest import GraphSpec, Manifest, TensorSpec
 from ..runtime.tokenizer import ClipTokenizer, load_tokenizer_files
 from . import trace, verify
@@ -145,6 +145,7 @@ def export_bundle(src: Path, out: Path, height: int | None = None, width: int | 
             log(f"{comp}: exported and checked in {time.perf_counter() - started:.1f}s "
                 f"(relative error vs torch {errors[comp]:.2e})")
         _copy_configs(source, tmp, tokenizer)
+        relax_permissions(tmp)
         files = {p.relative_to(tmp).as_posix(): sha256_file(p) for p in sorted(tmp.rglob("*")) if p.is_file()}
         vae, unet, te = source.vae.config, source.unet.config, source.text_encoder.config
         manifest = Manifest(

@@ -71,6 +71,14 @@ def make_temp_dir(beside: Path) -> Path:
     return tmp
 
 
+def relax_permissions(tree: Path) -> None:
+    """Give every file under `tree` ordinary permissions (some writers, onnx's external data among them, make 0600)."""
+    mode = 0o666 & ~_umask()
+    for p in tree.rglob("*"):
+        if p.is_file():
+            os.chmod(p, mode)
+
+
 def atomic_write_bytes(path: Path, data: bytes) -> None:
     path = Path(path)
     tmp = write_temp_beside(path, data)
