@@ -13,8 +13,8 @@ import time
 from pathlib import Path
 
 from .. import __version__
-from ..errors import ExportFailed, InvalidRequest, OutputNotWritable
-from ..runtime import names
+from ..errors import ExportFailed, OutputNotWritable
+from ..runtime import names, request
 from ..runtime.fsutil import atomic_write_bytes, fsync_dir, make_temp_dir, relax_permissions, sha256_file
 from ..runtime.manifest import GraphSpec, Manifest, TensorSpec
 from ..runtime.tokenizer import ClipTokenizer, load_tokenizer_files
@@ -67,15 +67,11 @@ def check_tokenizer(src_tokenizer: Path) -> tuple[ClipTokenizer, int]:
 
 
 def _default_size(source: Source, height: int | None, width: int | None) -> tuple[int, int]:
+    """The bundle's default image size: as given, else the model's own (U-Net sample_size x VAE scale)."""
     scale = 2 ** (len(source.vae.config.block_out_channels) - 1)
     native = int(source.unet.config.sample_size) * scale
-    sizes = []
-    for what, value in (("height", height), ("width", width)):
-        value = native if value is None else value
-        if isinstance(value, bool) or not isinstance(value, int) or value <= 0 or value % scale:
-            raise InvalidRequest(f"--{what} must be a positive multiple of {scale}, got {value!r}")
-        sizes.append(value)
-    return sizes[0], sizes[1]
+    return (request.check_size(native if height is None else height, "--height", scale),
+            request.check_size(native if width is None else width, "--width", scale))
 
 
 def _prepare_target(out: Path, force: bool) -> None:
@@ -103,7 +99,7 @@ def _copy_configs(source: Source, tmp: Path, tokenizer: ClipTokenizer) -> None:
     for f in (src / "tokenizer").iterdir():
         if f.is_file() and f.suffix in (".json", ".txt"):
             shutil.copy(f, tok_dir / f.name)
-    tokenizer._tok.save(str(tok_dir / "tokenizer.json"))
+    tokenizer.save(tok_dir / "tokenizer.json")
     scheduler_class = source.model_index.get("scheduler", [None, "PNDMScheduler"])[1]
     _write_json(tmp / "model_index.json", {
         "_class_name": "OnnxStableDiffusionPipeline", "_sdrt_version": __version__,

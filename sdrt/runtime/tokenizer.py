@@ -90,6 +90,10 @@ class ClipTokenizer:
     def from_folder(cls, folder: Path, max_length: int, pad_id: int) -> "ClipTokenizer":
         return cls(load_tokenizer_files(folder), max_length, pad_id)
 
+    def save(self, path: Path) -> None:
+        """Write the tokenizer.json the runtime loads."""
+        self._tok.save(str(path))
+
     def token_ids(self, prompt: str) -> list[int]:
         """BOS + tokens + EOS, untruncated."""
         return self._tok.encode(prompt).ids
