@@ -58,8 +58,18 @@ def _show_warning(message, category, filename, lineno, file=None, line=None):
     typer.echo(f"warning: {message}", err=True)
 
 
+def _print_version(value: bool) -> None:
+    if value:
+        from . import __version__
+
+        typer.echo(f"sdrt {__version__}")
+        raise typer.Exit()
+
+
 @app.callback()
-def _options(debug: bool = typer.Option(False, "--debug", help="Show tracebacks instead of one-line errors.")):
+def _options(debug: bool = typer.Option(False, "--debug", help="Show tracebacks instead of one-line errors."),
+             version: bool = typer.Option(False, "--version", callback=_print_version, is_eager=True,
+                                          help="Print the version and exit.")):
     _state["debug"] = debug
 
 
@@ -175,7 +185,7 @@ def main(argv: list[str] | None = None) -> None:
     except UsageError as e:
         typer.echo(f"error: {e.format_message()}", err=True)
         code = 2
-    except typer.Abort:
+    except (typer.Abort, KeyboardInterrupt):
         typer.echo("error: interrupted; nothing was written", err=True)
         code = 130
     sys.exit(code if isinstance(code, int) else 0)

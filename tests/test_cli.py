@@ -8,6 +8,8 @@ import sys
 import pytest
 from PIL import Image
 
+import sdrt
+
 from sdrt.cli import main
 
 
@@ -118,3 +120,24 @@ def test_a_real_process_prints_no_traceback_unless_debug(tmp_path):
     assert plain.returncode == 3 and "Traceback" not in plain.stderr and plain.stderr.count("\n") == 1
     debug = subprocess.run(cmd[:3] + ["--debug"] + cmd[3:], capture_output=True, text=True)
     assert debug.returncode != 0 and "Traceback" in debug.stderr and "BundleNotFound" in debug.stderr
+
+
+def test_version(capsys):
+    code, stdout, _ = run(capsys, "--version")
+    assert code == 0 and stdout.strip() == f"sdrt {sdrt.__version__}"
+
+
+def test_ctrl_c_during_generation_writes_nothing(bundles, tmp_path):
+    """SIGINT mid-run: exit 130, one line, no image and no temp file left."""
+    import signal
+    import time
+
+    out = tmp_path / "x.png"
+    proc = subprocess.Popen([sys.executable, "-m", "sdrt.cli", "generate", "a cat", "--model", str(bundles["sd1"]),
+                             "--out", str(out), "--steps", "1000", "--height", "256", "--width", "256"],
+                            stderr=subprocess.PIPE, text=True)
+    time.sleep(6)  # past start-up and bundle loading, inside the denoising loop
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130 and err == "error: interrupted; nothing was written\n"
+    assert list(tmp_path.iterdir()) == []
