@@ -104,6 +104,21 @@ def test_an_existing_bundle_is_replaced_only_with_force(models, bundles, tmp_pat
     assert _leftovers(tmp_path) == ["b"]
 
 
+def test_a_bundle_written_meanwhile_by_another_export_is_not_clobbered(models, tmp_path, monkeypatch):
+    target, real = tmp_path / "b", trace.export_onnx
+
+    def racing(*args, **kwargs):  # another process finishes the same --out while this one traces
+        if not target.exists():
+            target.mkdir()
+            (target / "sdrt.json").write_text("theirs")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(trace, "export_onnx", racing)
+    with pytest.raises(OutputNotWritable, match="appeared while exporting \\(another export\\?\\); it was left"):
+        export_bundle(models["sd1"], target, **QUIET)
+    assert (target / "sdrt.json").read_text() == "theirs" and _leftovers(tmp_path) == ["b"]
+
+
 def _pickle_only_copy(models, tmp_path) -> Path:
     import torch
     from safetensors.torch import load_file

@@ -155,19 +155,27 @@ def export_bundle(src: Path, out: Path, height: int | None = None, width: int | 
         data["verification"] = {"metric": "relative L2 error vs torch", "limit": verify.RELATIVE_ERROR_LIMIT,
                                 "errors": errors}
         atomic_write_bytes(tmp / names.MANIFEST_FILE, (json.dumps(data, indent=2) + "\n").encode())
-        _swap_into_place(tmp, out)
+        _swap_into_place(tmp, out, force)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return manifest
 
 
-def _swap_into_place(tmp: Path, out: Path) -> None:
+def _swap_into_place(tmp: Path, out: Path, force: bool) -> None:
+    """Rename the finished bundle onto `out`. Another export may have written `out` meanwhile: without
+    --force that one is kept and this one dropped, never half-merged."""
     old = None
-    if out.exists():  # only reached with force (or an empty folder)
+    if out.exists() and force:
         old = out.with_name(f".{out.name}.old-{time.time_ns()}")
         out.rename(old)
-    tmp.rename(out)
+    try:
+        tmp.rename(out)  # fails on a non-empty folder, so a bundle that appeared meanwhile is not clobbered
+    except OSError:
+        if old is not None:
+            old.rename(out)
+        raise OutputNotWritable(f"{str(out)!r} appeared while exporting (another export?); it was left as it is. "
+                                "Choose another --out or pass --force to replace it") from None
     fsync_dir(out.parent)
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)
