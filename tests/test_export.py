@@ -94,6 +94,20 @@ def test_an_interrupted_export_leaves_nothing_behind(models, tmp_path, monkeypat
     assert _leftovers(tmp_path) == []
 
 
+def test_a_full_disk_fails_cleanly(models, tmp_path, monkeypatch):
+    import errno
+
+    def full(*_args, **_kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(bundle_mod, "atomic_write_bytes", full)  # the manifest, the last write
+    with pytest.raises(ExportFailed) as e:
+        export_bundle(models["sd1"], tmp_path / "b", **QUIET)
+    assert str(e.value) == (f"writing the bundle failed (No space left on device); nothing was written at "
+                            f"'{tmp_path / 'b'}'. Check the free space and permissions of its folder")
+    assert _leftovers(tmp_path) == []
+
+
 def test_an_existing_bundle_is_replaced_only_with_force(models, bundles, tmp_path):
     target = tmp_path / "b"
     shutil.copytree(bundles["sd1"], target)

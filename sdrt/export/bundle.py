@@ -131,7 +131,7 @@ def export_bundle(src: Path, out: Path, height: int | None = None, width: int | 
     tmp = make_temp_dir(out)
     try:
         graphs, errors = {}, {}
-        ids = tokenizer(["a photo of a cat", ""])[:1]
+        ids = tokenizer(["a photo of a cat"])  # (1, 77): the text encoder's check input
         for comp, (module, inputs, in_names, out_names, axes) in trace.components(source).items():
             started = time.perf_counter()
             path = trace.export_onnx(module, inputs, in_names, out_names, axes, tmp / comp, external_threshold)
@@ -156,6 +156,10 @@ def export_bundle(src: Path, out: Path, height: int | None = None, width: int | 
                                 "errors": errors}
         atomic_write_bytes(tmp / names.MANIFEST_FILE, (json.dumps(data, indent=2) + "\n").encode())
         _swap_into_place(tmp, out, force)
+    except OSError as e:  # disk full, permissions, a vanished folder: clean up, then say what failed
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise ExportFailed(f"writing the bundle failed ({e.strerror or e}); nothing was written at {str(out)!r}. "
+                           "Check the free space and permissions of its folder") from None
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
