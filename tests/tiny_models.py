@@ -44,7 +44,8 @@ def _add_contrast(text_encoder, unet, vae, seed: int) -> None:
         vae.decoder.conv_out.bias.copy_(torch.randn(vae.decoder.conv_out.bias.shape, generator=g) * 0.2)
 
 
-def build_model(root: Path, family: str = "sd1", seed: int = 0, sample_size: int = 8) -> Path:
+def build_model(root: Path, family: str = "sd1", seed: int = 0, sample_size: int = 8, hidden: int = 32,
+                channels: tuple = (32, 64)) -> Path:
     """Write a random-weight model to root (diffusers layout) and return root."""
     import torch
     from diffusers import AutoencoderKL, UNet2DConditionModel
@@ -52,13 +53,12 @@ def build_model(root: Path, family: str = "sd1", seed: int = 0, sample_size: int
 
     sd2 = family == "sd2"
     torch.manual_seed(seed)
-    hidden = 32
     te = CLIPTextModel(CLIPTextConfig(
-        vocab_size=49408, hidden_size=hidden, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+        vocab_size=49408, hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=2, num_attention_heads=4,
         max_position_embeddings=77, projection_dim=hidden, bos_token_id=49406, eos_token_id=49407,
         pad_token_id=0 if sd2 else 49407, hidden_act="gelu" if sd2 else "quick_gelu")).eval()
     unet = UNet2DConditionModel(
-        sample_size=sample_size, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=(32, 64),
+        sample_size=sample_size, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=channels,
         down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
         cross_attention_dim=hidden, attention_head_dim=(2, 4) if sd2 else 8, use_linear_projection=sd2,
         norm_num_groups=8).eval()
