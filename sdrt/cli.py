@@ -10,11 +10,11 @@ from typing import Optional
 
 import typer
 
+from .errors import MissingDependency, SdrtError
+
 # typer >= 0.20 vendors click; take its exception classes from typer itself so either layout works.
 UsageError = typer.BadParameter.__mro__[1]
 ClickException = typer.BadParameter.__mro__[2]
-
-from .errors import MissingDependency, SdrtError
 
 app = typer.Typer(no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False,
                   help="sdrt: a compiled inference runtime for Stable Diffusion.")
@@ -41,10 +41,8 @@ def handle_errors(fn):
             _fail(str(e), e.exit_code)
         except KeyboardInterrupt:
             _fail("interrupted; nothing was written", 130)
-        except (typer.Exit, typer.Abort, ClickException):
-            raise
-        except BrokenPipeError:  # `sdrt info BUNDLE | head`: click exits 1 quietly
-            raise
+        except (typer.Exit, typer.Abort, ClickException, BrokenPipeError):
+            raise  # click's own handling (a closed pipe, as in `sdrt info B | head`, exits 1 quietly)
         except Exception as e:  # noqa: BLE001 - the last line of defence: one line, not a traceback
             if _state["debug"]:
                 raise

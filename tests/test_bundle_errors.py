@@ -102,6 +102,17 @@ def test_manifest_without_a_unet(bundle):
         sdrt.Pipeline.load(bundle)
 
 
+@pytest.mark.parametrize("escape", ["../outside.onnx", "/etc/passwd", "unet/../../x"])
+def test_a_manifest_pointing_outside_the_bundle_is_refused(bundle, escape):
+    data = json.loads((bundle / "sdrt.json").read_text())
+    data["graphs"]["unet"]["path"] = escape
+    (bundle / "sdrt.json").write_text(json.dumps(data))
+    with pytest.raises(BundleCorrupt) as e:
+        sdrt.Pipeline.load(bundle)
+    assert str(e.value) == (f"'{bundle / 'sdrt.json'}' names the file {escape!r}, outside the bundle; refusing it. "
+                            f"{REEXPORT}")
+
+
 def test_graph_swapped_for_another_with_rehashed_manifest(bundle):
     """A manifest that promises other I/O than the graph has (hashes updated to match) is refused."""
     from sdrt.runtime.fsutil import sha256_file

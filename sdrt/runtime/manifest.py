@@ -120,6 +120,9 @@ def _parse(path: Path) -> Manifest:
         manifest = Manifest.from_json(raw)
     except (KeyError, TypeError, ValueError) as e:
         raise BundleCorrupt(f"{str(path)!r} is missing or has a malformed field ({e!r}); {REEXPORT}") from None
+    for rel in [*manifest.files, *(g.path for g in manifest.graphs.values())]:
+        if Path(rel).is_absolute() or ".." in Path(rel).parts:
+            raise BundleCorrupt(f"{str(path)!r} names the file {rel!r}, outside the bundle; refusing it. {REEXPORT}")
     missing = [c for c in names.REQUIRED_COMPONENTS if c not in manifest.graphs]
     if missing:
         raise BundleCorrupt(f"{str(path)!r} lists no graph for {', '.join(missing)}; {REEXPORT}")

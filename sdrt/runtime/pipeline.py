@@ -65,7 +65,7 @@ class Pipeline:
             t = np.float32(sampler.timesteps[i]) if scalar_t else np.full(len(x_in), sampler.timesteps[i], np.float32)
             eps = unet(**{names.SAMPLE: sampler.scale_model_input(x_in, i), names.TIMESTEP: t,
                           names.ENCODER_HIDDEN_STATES: text})[names.OUT_SAMPLE]
-            eps = _finite(eps.astype(np.float32), "U-Net", step=i)
+            eps = _finite(np.asarray(eps, np.float32), "U-Net", step=i)  # no copy when already fp32
             if cfg:
                 uncond, cond = np.split(eps, 2)
                 eps = uncond + np.float32(guidance) * (cond - uncond)
