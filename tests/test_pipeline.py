@@ -13,6 +13,8 @@ from sdrt.errors import InvalidRequest, NonFiniteOutput, UnknownSampler
 from sdrt.runtime import request
 from sdrt.runtime.engine import Engine
 
+GOLDEN_SEED_5 = [-1.2224977, -2.1383154, -0.06472305, -0.70555127]  # default_rng(5).standard_normal(4, float32)
+
 BAD_REQUESTS = [
     ({"steps": 0}, "steps must be a whole number from 1 to 1000, got 0"),
     ({"steps": 2.5}, "steps must be a whole number from 1 to 1000, got 2.5"),
@@ -87,6 +89,14 @@ def test_initial_noise_is_a_seeded_numpy_standard_normal(pipes):
     b = pixels(pipe.txt2img("a cat", steps=2, latents=noise))
     assert np.array_equal(a, b)
     assert make_sampler("euler", pipe.scheduler_config, 2).init_noise_sigma > 1
+
+
+def test_the_noise_stream_is_pinned():
+    """Golden values of numpy's PCG64 stream: if a numpy release ever changes it, seeds stop reproducing
+    old images, and this says so."""
+    noise = request.BatchNoise([5, 6]).standard_normal((2, 4))
+    np.testing.assert_allclose(noise[0], GOLDEN_SEED_5, rtol=1e-6)
+    assert not np.allclose(noise[1], GOLDEN_SEED_5)
 
 
 def test_a_random_seed_is_drawn_and_recorded(pipes):
