@@ -113,25 +113,25 @@ def test_a_manifest_pointing_outside_the_bundle_is_refused(bundle, escape):
                             f"{REEXPORT}")
 
 
-def test_graph_swapped_for_another_with_rehashed_manifest(bundle):
-    """A manifest that promises other I/O than the graph has (hashes updated to match) is refused."""
+def _replace_and_rehash(bundle, rel: str, content: bytes) -> None:
+    """Overwrite a bundle file and update its sha256 in sdrt.json, so only the later checks can catch it."""
     from sdrt.runtime.fsutil import sha256_file
 
-    shutil.copy(bundle / "vae_decoder" / "model.onnx", bundle / "unet" / "model.onnx")
+    (bundle / rel).write_bytes(content)
     data = json.loads((bundle / "sdrt.json").read_text())
-    data["files"]["unet/model.onnx"] = sha256_file(bundle / "unet" / "model.onnx")
+    data["files"][rel] = sha256_file(bundle / rel)
     (bundle / "sdrt.json").write_text(json.dumps(data))
+
+
+def test_graph_swapped_for_another_with_rehashed_manifest(bundle):
+    """A manifest that promises other I/O than the graph has (hashes updated to match) is refused."""
+    _replace_and_rehash(bundle, "unet/model.onnx", (bundle / "vae_decoder" / "model.onnx").read_bytes())
     with pytest.raises(BundleCorrupt, match="unet graph does not match sdrt.json: tensor 'sample'"):
         sdrt.Pipeline.load(bundle)
 
 
 def test_unreadable_graph_with_matching_hash(bundle):
-    from sdrt.runtime.fsutil import sha256_file
-
-    (bundle / "vae_decoder" / "model.onnx").write_bytes(b"not a protobuf")
-    data = json.loads((bundle / "sdrt.json").read_text())
-    data["files"]["vae_decoder/model.onnx"] = sha256_file(bundle / "vae_decoder" / "model.onnx")
-    (bundle / "sdrt.json").write_text(json.dumps(data))
+    _replace_and_rehash(bundle, "vae_decoder/model.onnx", b"not a protobuf")
     with pytest.raises(BundleCorrupt, match="vae_decoder graph .* could not be loaded by ONNX Runtime"):
         sdrt.Pipeline.load(bundle)
 
