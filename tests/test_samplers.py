@@ -23,7 +23,7 @@ CONFIGS = {
     "cosine-zero-snr-v": {"beta_schedule": "squaredcos_cap_v2", "rescale_betas_zero_snr": True,
                           "prediction_type": "v_prediction", "timestep_spacing": "trailing"},
 }
-DIFFUSERS = {"euler": "EulerDiscreteScheduler", "ddim": "DDIMScheduler"}
+DIFFUSERS = {name: cls.diffusers_class for name, cls in SAMPLERS.items()}
 
 
 def fake_model(x: np.ndarray, t: float) -> np.ndarray:
@@ -31,61 +31,143 @@ def fake_model(x: np.ndarray, t: float) -> np.ndarray:
     return (0.8 * np.tanh(x) * np.cos(t / 150.0) + 0.1 * np.sin(3 * x)).astype(np.float32)
 
 
-def run_ours(name, config, steps, x):
-    s = make_sampler(name, config, steps)
-    x = x * np.float32(s.init_noise_sigma)
-    for i, t in enumerate(s.timesteps):
-        x = s.step(fake_model(s.scale_model_input(x, i), t), i, x, np.random.default_rng(0))
+class RecordingNoise:
+    """The request's generator, keeping every draw so diffusers can be handed the very same noise."""
+
+    def __init__(self, seed: int = 0):
+        self.gen, self.draws = np.random.default_rng(seed), []
+
+    def standard_normal(self, shape, dtype=np.float32):
+        self.draws.append(self.gen.standard_normal(shape, dtype=dtype))
+        return self.draws[-1]
+
+
+def run_ours(name, config, steps, x, start=0, noise=None, **options):
+    s = make_sampler(name, config, steps, **options)
+    x = x * np.float32(s.init_noise_sigma) if start == 0 else x
+    noise = noise or RecordingNoise()
+    for i in range(start, len(s.timesteps)):
+        x = s.step(fake_model(s.scale_model_input(x, i), s.timesteps[i]), i, x, noise)
     return x
 
 
-def run_diffusers(name, config, steps, x):
+def diffusers_scheduler(name, config, steps):
     import diffusers
 
-    sched = getattr(diffusers, DIFFUSERS[name]).from_config(config)
+    cls = SAMPLERS[name]
+    sched = getattr(diffusers, cls.diffusers_class).from_config({**config, **cls.diffusers_config})
     sched.set_timesteps(steps)
-    x = torch.from_numpy(x) * sched.init_noise_sigma
-    for t in sched.timesteps:
+    return sched
+
+
+def replay(monkeypatch, name, draws):
+    """Make diffusers' scheduler draw `draws` in order instead of torch noise."""
+    import importlib
+
+    module = importlib.import_module(type(diffusers_scheduler(name, {}, 1)).__module__)
+    queue = list(draws)
+    monkeypatch.setattr(module, "randn_tensor", lambda shape, **kw: torch.from_numpy(queue.pop(0)).reshape(shape))
+    return queue
+
+
+def run_diffusers(name, config, steps, x, start=0, **step_kwargs):
+    sched = diffusers_scheduler(name, config, steps)
+    x = torch.from_numpy(x)
+    if start == 0:
+        x = x * sched.init_noise_sigma
+    elif hasattr(sched, "set_begin_index"):
+        sched.set_begin_index(start)
+    for t in sched.timesteps[start:]:
         eps = torch.from_numpy(fake_model(sched.scale_model_input(x, t).numpy(), float(t)))
-        x = sched.step(eps, t, x).prev_sample
+        x = sched.step(eps, t, x, **step_kwargs).prev_sample
     return x.numpy()
+
+
+def relative_error(ours, theirs):
+    return np.abs(ours - theirs).max() / max(np.abs(theirs).max(), 1e-6)
 
 
 @pytest.mark.parametrize("name", sorted(DIFFUSERS))
 @pytest.mark.parametrize("config", sorted(CONFIGS))
 @pytest.mark.parametrize("steps", [1, 2, 7, 50])
-def test_matches_diffusers_over_a_whole_schedule(name, config, steps):
+def test_matches_diffusers_over_a_whole_schedule(monkeypatch, name, config, steps):
+    """Stochastic samplers too: diffusers is handed the noise our sampler drew from the request's generator."""
     x = np.random.default_rng(steps).standard_normal((2, 4, 8, 8)).astype(np.float32)
-    ours, theirs = run_ours(name, CONFIGS[config], steps, x), run_diffusers(name, CONFIGS[config], steps, x)
-    rel = np.abs(ours - theirs).max() / max(np.abs(theirs).max(), 1e-6)
-    assert rel <= 1e-5
+    noise = RecordingNoise(steps)
+    ours = run_ours(name, CONFIGS[config], steps, x, noise=noise)
+    left = replay(monkeypatch, name, noise.draws)
+    theirs = run_diffusers(name, CONFIGS[config], steps, x)
+    assert not left, "diffusers drew less noise than we did"
+    assert relative_error(ours, theirs) <= 1e-5
 
 
 @pytest.mark.parametrize("name", sorted(DIFFUSERS))
 @pytest.mark.parametrize("config", sorted(CONFIGS))
 def test_timesteps_and_init_sigma_match_diffusers(name, config):
-    import diffusers
-
-    sched = getattr(diffusers, DIFFUSERS[name]).from_config(CONFIGS[config])
-    sched.set_timesteps(20)
+    sched = diffusers_scheduler(name, CONFIGS[config], 20)
     ours = make_sampler(name, CONFIGS[config], 20)
     np.testing.assert_allclose(ours.timesteps, sched.timesteps.numpy().astype(np.float64), rtol=0, atol=1e-3)
     assert ours.init_noise_sigma == pytest.approx(float(sched.init_noise_sigma), rel=1e-6)
+    assert ours.order == sched.order
+
+
+@pytest.mark.parametrize("name", sorted(DIFFUSERS))
+@pytest.mark.parametrize("steps,strength", [(10, 0.75), (20, 0.3), (7, 0.5), (50, 0.99), (3, 0.2), (8, 1.0)])
+def test_part_way_start_is_diffusers_img2img_arithmetic(name, steps, strength):
+    """get_timesteps in StableDiffusionImg2ImgPipeline, spelled out: the same start and the same timesteps."""
+    sched = diffusers_scheduler(name, SD15, steps)
+    init_timestep = min(int(steps * strength), steps)
+    t_start = max(steps - init_timestep, 0)
+    ours = make_sampler(name, SD15, steps)
+    start = ours.start_index(strength)
+    assert start == t_start * sched.order
+    np.testing.assert_allclose(ours.timesteps[start:], sched.timesteps[t_start * sched.order:].numpy(), atol=1e-3)
+
+
+@pytest.mark.parametrize("name", sorted(DIFFUSERS))
+@pytest.mark.parametrize("config", ["sd15", "sd2-v-trailing"])
+def test_part_way_run_matches_diffusers(monkeypatch, name, config):
+    """img2img's inner loop: noise clean latents to the start step, then run the rest of the schedule."""
+    steps, strength = 10, 0.6
+    rng = np.random.default_rng(4)
+    x0, first = rng.standard_normal((2, 4, 8, 8), dtype=np.float32), rng.standard_normal((2, 4, 8, 8), dtype=np.float32)
+    sampler = make_sampler(name, CONFIGS[config], steps)
+    start = sampler.start_index(strength)
+    sched = diffusers_scheduler(name, CONFIGS[config], steps)
+    if hasattr(sched, "set_begin_index"):
+        sched.set_begin_index(start)  # as get_timesteps does before img2img noises its latents
+    noised = sched.add_noise(torch.from_numpy(x0), torch.from_numpy(first), sched.timesteps[start:start + 1]).numpy()
+    np.testing.assert_allclose(sampler.add_noise(x0, first, start), noised, rtol=1e-5, atol=1e-5)
+    noise = RecordingNoise(1)
+    ours = run_ours(name, CONFIGS[config], steps, noised, start=start, noise=noise)
+    replay(monkeypatch, name, noise.draws)
+    theirs = run_diffusers(name, CONFIGS[config], steps, noised, start=start)
+    assert relative_error(ours, theirs) <= 1e-5
 
 
 @pytest.mark.parametrize("name", sorted(DIFFUSERS))
 def test_add_noise_matches_diffusers(name):
-    import diffusers
-
-    sched = getattr(diffusers, DIFFUSERS[name]).from_config(SD15)
-    sched.set_timesteps(10)
+    sched = diffusers_scheduler(name, SD15, 10)
     ours = make_sampler(name, SD15, 10)
     rng = np.random.default_rng(1)
     x0, noise = rng.standard_normal((2, 3, 4, 4), dtype=np.float32), rng.standard_normal((2, 3, 4, 4), dtype=np.float32)
     for i in (0, 3, 9):
+        if hasattr(sched, "set_begin_index"):
+            sched.set_begin_index(i)
         t = sched.timesteps[i : i + 1]
         want = sched.add_noise(torch.from_numpy(x0), torch.from_numpy(noise), t).numpy()
         np.testing.assert_allclose(ours.add_noise(x0, noise, i), want, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("eta", [0.3, 1.0])
+@pytest.mark.parametrize("config", ["sd15", "sd2-v-trailing"])
+def test_stochastic_ddim_matches_diffusers_given_the_same_noise(monkeypatch, eta, config):
+    x = np.random.default_rng(2).standard_normal((2, 4, 8, 8)).astype(np.float32)
+    noise = RecordingNoise(3)
+    ours = run_ours("ddim", CONFIGS[config], 9, x, noise=noise, eta=eta)
+    assert len(noise.draws) == 9
+    replay(monkeypatch, "ddim", noise.draws)
+    assert relative_error(ours, run_diffusers("ddim", CONFIGS[config], 9, x, eta=eta)) <= 1e-5
 
 
 def test_golden_numbers_of_the_sd15_schedule():
@@ -103,8 +185,7 @@ def test_golden_numbers_of_the_sd15_schedule():
 
 
 def test_stochastic_ddim_noise_comes_from_the_generator_and_has_the_formula_variance():
-    s = make_sampler("ddim", SD15, 10)
-    s.eta = 1.0
+    s = make_sampler("ddim", SD15, 10, eta=1.0)
     x = np.zeros((1, 4, 64, 64), np.float32)
     eps = np.zeros_like(x)
     a = s.step(eps, 3, x, np.random.default_rng(5))

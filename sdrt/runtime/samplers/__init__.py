@@ -1,7 +1,9 @@
 """Samplers by name: sdrt's names, AUTOMATIC1111's labels and diffusers' class names all resolve here."""
 from __future__ import annotations
 
-from ...errors import UnknownSampler
+from numbers import Real
+
+from ...errors import InvalidRequest, UnknownSampler
 from .base import Sampler
 from .ddim import DDIM
 from .euler import Euler
@@ -30,8 +32,17 @@ def resolve(name: str) -> type[Sampler]:
     return SAMPLERS[_ALIASES[_key(name)]]
 
 
-def make_sampler(name: str, scheduler_config: dict, steps: int) -> Sampler:
-    return resolve(name)(scheduler_config, steps)
+def make_sampler(name: str, scheduler_config: dict, steps: int, eta: float | None = None) -> Sampler:
+    """`eta`: the stochasticity of DDIM (0 deterministic, 1 DDPM-like); other samplers refuse it."""
+    cls = resolve(name)
+    if eta is None:
+        return cls(scheduler_config, steps)
+    if not cls.takes_eta:
+        takers = ", ".join(c.name for c in SAMPLERS.values() if c.takes_eta)
+        raise InvalidRequest(f"sampler {cls.name!r} takes no eta; eta applies to {takers}")
+    if isinstance(eta, bool) or not isinstance(eta, Real) or not 0 <= eta <= 1:
+        raise InvalidRequest(f"eta must be a number from 0 to 1, got {eta!r}")
+    return cls(scheduler_config, steps, eta=float(eta))
 
 
 __all__ = ["Sampler", "SchedulerConfig", "SAMPLERS", "make_sampler", "resolve", "sampler_names"]

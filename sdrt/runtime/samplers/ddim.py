@@ -15,6 +15,7 @@ from .schedule import alphas_cumprod, spaced_timesteps
 
 class DDIM(Sampler):
     name, label, diffusers_class = "ddim", "DDIM", "DDIMScheduler"
+    takes_eta = True
 
     def __init__(self, scheduler_config: dict, steps: int, eta: float = 0.0):
         super().__init__(scheduler_config, steps)
