@@ -130,21 +130,22 @@ def generate(
     height: Optional[int] = typer.Option(None, "--height"),
     width: Optional[int] = typer.Option(None, "--width"),
     batch: int = typer.Option(1, "--batch"),
+    eta: Optional[float] = typer.Option(None, "--eta", help="DDIM only: 0 deterministic (default) to 1 (DDPM-like)."),
 ):
     """Generate images from a prompt."""
     from .runtime.images import output_paths, save_all
     from .runtime.pipeline import Pipeline
-    from .runtime.samplers import resolve
+    from .runtime.samplers import make_sampler
 
     paths = output_paths(out, batch if batch > 0 else 1)  # an unwritable --out fails before any work
     if out.suffix.lower() != ".png":
         _fail(f"--out {str(out)!r} must end in .png", 2)
-    resolve(sampler)  # so does an unknown sampler
+    make_sampler(sampler, {}, 1, eta)  # so do an unknown sampler and an eta it can't take
     pipe = Pipeline.load(model)
     bar = _StepBar()
     try:
         images = pipe.txt2img(prompt, negative_prompt=negative_prompt, steps=steps, guidance=guidance, seed=seed,
-                              sampler=sampler, height=height, width=width, batch=batch, progress=bar)
+                              sampler=sampler, height=height, width=width, batch=batch, progress=bar, eta=eta)
     finally:
         bar.close()
     save_all(images, paths)

@@ -50,7 +50,9 @@ GENERATE_ERRORS = [  # extra arguments, exit code, the line on stderr (after "er
     (["--steps", "0"], 2, "steps must be a whole number from 1 to 1000, got 0"),
     (["--guidance", "-1"], 2, "guidance must be a finite number >= 0"),
     (["--guidance", "nan"], 2, "guidance must be a finite number >= 0 (values <= 1 turn classifier-free guidance off), got nan"),
-    (["--sampler", "k_dpm_9"], 2, "unknown sampler 'k_dpm_9'; known samplers: euler (Euler), ddim (DDIM)"),
+    (["--sampler", "k_dpm_9"], 2, "unknown sampler 'k_dpm_9'; known samplers: ddim (DDIM), pndm (PLMS), "),
+    (["--sampler", "euler", "--eta", "0.5"], 2, "sampler 'euler' takes no eta; eta applies to ddim"),
+    (["--sampler", "ddim", "--eta", "1.5"], 2, "eta must be a number from 0 to 1, got 1.5"),
     (["--height", "65"], 2, "height must be a positive multiple of 8, got 65; use 64 or 72"),
     (["--width", "0"], 2, "width must be a positive multiple of 8, got 0"),
     (["--batch", "0"], 2, "batch must be a whole number from 1 to 64, got 0"),
@@ -105,7 +107,7 @@ def test_export_then_info(models, tmp_path, capsys):
     assert code == 0 and "96x64" in stdout
     code, stdout, _ = run(capsys, "info", tmp_path / "b")
     assert code == 0 and "all files match their sha256" in stdout and "v_prediction" in stdout
-    assert "euler (Euler), ddim (DDIM)" in stdout
+    assert "ddim (DDIM), pndm (PLMS), lms (LMS)" in stdout and "dpmpp_2m_karras (DPM++ 2M Karras)" in stdout
 
 
 def test_info_on_a_missing_bundle(tmp_path, capsys):

@@ -34,7 +34,13 @@ BAD_REQUESTS = [
     ({"prompt": "a\x00b"}, "prompt contains a NUL character; remove it"),
     ({"prompt": "a\ud800b"}, "prompt contains a lone surrogate (invalid unicode); fix its encoding"),
     ({"negative_prompt": 3}, "negative prompt must be a string, got int"),
-    ({"sampler": "Euler b"}, "unknown sampler 'Euler b'; known samplers: euler (Euler), ddim (DDIM)"),
+    ({"sampler": "Euler b"}, "unknown sampler 'Euler b'; known samplers: ddim (DDIM), pndm (PLMS), lms (LMS), "
+     "lms_karras (LMS Karras), euler (Euler), euler_a (Euler a), heun (Heun), dpmpp_2m (DPM++ 2M), dpmpp_2m_karras "
+     "(DPM++ 2M Karras), dpmpp_2m_sde_karras (DPM++ 2M SDE Karras), unipc (UniPC), lcm (LCM)"),
+    ({"sampler": "euler_a", "eta": 0.5}, "sampler 'euler_a' takes no eta; eta applies to ddim"),
+    ({"sampler": "ddim", "eta": -0.1}, "eta must be a number from 0 to 1, got -0.1"),
+    ({"sampler": "lcm", "steps": 60}, "LCM takes at most 50 steps (its original_inference_steps, the schedule it was "
+     "distilled on), got 60; LCM models need only 2 to 8"),
     ({"latents": np.zeros((1, 4, 4, 4), np.float32)},
      "latents have shape (1, 4, 4, 4); this request needs (1, 4, 8, 8) (batch, channels, H/8, W/8)"),
     ({"latents": np.full((1, 4, 8, 8), np.nan, np.float32)}, "latents contain NaN or Inf"),

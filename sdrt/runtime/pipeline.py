@@ -17,7 +17,7 @@ from . import names, request
 from .engine import Engine, OrtEngine
 from .images import a1111_parameters, to_pil
 from .manifest import Manifest, load_manifest, read_json
-from .samplers import Sampler, SchedulerConfig, resolve
+from .samplers import Sampler, SchedulerConfig, make_sampler
 from .tokenizer import ClipTokenizer
 
 BACKENDS = ("auto", "onnxruntime")
@@ -83,22 +83,23 @@ class Pipeline:
     def txt2img(self, prompt: str, negative_prompt: str = "", steps: int = 20, guidance: float = 7.5,
                 seed: int | None = None, sampler: str = "euler", height: int | None = None,
                 width: int | None = None, batch: int = 1, latents: np.ndarray | None = None,
-                progress: Progress | None = None) -> list:
-        """Generate `batch` images. Image i is drawn with seed+i. Returns PIL images whose
+                progress: Progress | None = None, eta: float | None = None) -> list:
+        """Generate `batch` images. Image i is drawn with seed+i. `sampler`: a name from `sdrt info` (sdrt's,
+        AUTOMATIC1111's label or the diffusers class); `eta`: DDIM's stochasticity. Returns PIL images whose
         `info["parameters"]` holds the settings in AUTOMATIC1111's format."""
-        job = self._job(prompt, negative_prompt, steps, guidance, seed, sampler, height, width, batch)
+        job = self._job(prompt, negative_prompt, steps, guidance, seed, sampler, height, width, batch, eta)
         if self.manifest.unet_in_channels != self.manifest.latent_channels:
             raise InvalidRequest(f"this bundle's U-Net takes {self.manifest.unet_in_channels} input channels, "
                                  f"not {self.manifest.latent_channels}: it is not a text-to-image model")
         if latents is not None:
             latents = request.check_latents(latents, job.latent_shape)
-        solver = job.sampler_cls(self.scheduler_config, job.steps)
+        solver = job.solver
         x = job.noise.standard_normal(job.latent_shape) if latents is None else latents
         x = x * np.float32(solver.init_noise_sigma)  # (B, 4, H/8, W/8)
         x = self._denoise(x, self._guided_text(job), solver, job.guidance, job.noise, progress=progress)
         return self._images(self.decode(x), job, solver, seeded=latents is None)
 
-    def _job(self, prompt, negative_prompt, steps, guidance, seed, sampler, height, width, batch) -> "_Job":
+    def _job(self, prompt, negative_prompt, steps, guidance, seed, sampler, height, width, batch, eta) -> "_Job":
         """Check the options every mode shares; draw a seed when none is given."""
         m = self.manifest
         height = request.check_size(m.default_height if height is None else height, "height", m.vae_scale_factor)
@@ -106,11 +107,12 @@ class Pipeline:
         batch = request.check_int(batch, "batch", 1, request.MAX_BATCH)
         seed = request.check_seed(seed)
         seed = request.draw_seed() if seed is None else seed
+        steps = request.check_int(steps, "steps", 1, self.scheduler_config.get("num_train_timesteps", 1000))
         return _Job(
             prompt=request.check_prompt(prompt),
             negative_prompt=request.check_prompt(negative_prompt, "negative prompt"),
-            steps=request.check_int(steps, "steps", 1, self.scheduler_config.get("num_train_timesteps", 1000)),
-            guidance=request.check_guidance(guidance), sampler_cls=resolve(sampler), seed=seed,
+            steps=steps, guidance=request.check_guidance(guidance),
+            solver=make_sampler(sampler, self.scheduler_config, steps, eta), seed=seed,
             height=height, width=width, batch=batch,
             latent_shape=(batch, m.latent_channels, height // m.vae_scale_factor, width // m.vae_scale_factor),
             noise=request.BatchNoise([seed + i for i in range(batch)]))
@@ -126,6 +128,8 @@ class Pipeline:
         images = to_pil(decoded)
         for i, image in enumerate(images):
             settings = {"Steps": job.steps, "Sampler": solver.label, "CFG scale": job.guidance}
+            if getattr(solver, "eta", 0):
+                settings["Eta DDIM"] = solver.eta  # AUTOMATIC1111's key
             if seeded:
                 settings["Seed"] = job.seed + i
             settings.update({"Size": f"{job.width}x{job.height}", "Model hash": self.manifest.model_hash,
@@ -142,7 +146,7 @@ class _Job:
     negative_prompt: str
     steps: int
     guidance: float
-    sampler_cls: type
+    solver: Sampler  # made for this request: multistep samplers keep state
     seed: int
     height: int
     width: int

@@ -6,22 +6,34 @@ from numbers import Real
 from ...errors import InvalidRequest, UnknownSampler
 from .base import Sampler
 from .ddim import DDIM
+from .dpmpp_2m import DPMPP2M, DPMPP2MKarras
+from .dpmpp_2m_sde import DPMPP2MSDEKarras
 from .euler import Euler
+from .euler_a import EulerAncestral
+from .heun import Heun
+from .lcm import LCM
+from .lms import LMS, LMSKarras
+from .pndm import PNDM
 from .schedule import SchedulerConfig
+from .unipc import UniPC
 
-SAMPLERS: dict[str, type[Sampler]] = {cls.name: cls for cls in (Euler, DDIM)}
+# Listed as `sdrt info` shows them; a diffusers class name means its plain variant, listed before the Karras one.
+SAMPLERS: dict[str, type[Sampler]] = {cls.name: cls for cls in (
+    DDIM, PNDM, LMS, LMSKarras, Euler, EulerAncestral, Heun, DPMPP2M, DPMPP2MKarras, DPMPP2MSDEKarras, UniPC, LCM)}
 
 
 def _key(name: str) -> str:
     return "".join(ch for ch in name.lower() if ch.isalnum() or ch == "+")
 
 
-_ALIASES = {_key(alias): cls.name for cls in SAMPLERS.values()
-            for alias in (cls.name, cls.label, cls.diffusers_class)}
+_ALIASES: dict[str, str] = {}
+for _cls in SAMPLERS.values():
+    for _alias in (_cls.name, _cls.label, _cls.diffusers_class):
+        _ALIASES.setdefault(_key(_alias), _cls.name)
 
 
 def sampler_names() -> list[str]:
-    return sorted(SAMPLERS)
+    return list(SAMPLERS)
 
 
 def resolve(name: str) -> type[Sampler]:

@@ -32,10 +32,12 @@ class Sampler(ABC):
     # Values the diffusers class assumes when scheduler_config.json leaves them out (SD 1.5's config has no
     # timestep_spacing: DDIM then spaces "leading", Euler "linspace").
     config_defaults: dict = {}
+    # Config keys the diffusers class does not have, and so ignores (Heun, LMS and PNDM know no zero-SNR rescale).
+    ignored_keys: tuple = ()
 
     def __init__(self, scheduler_config: dict, steps: int):
         """scheduler_config: the bundle's scheduler_config.json as a dict."""
-        given = {k: v for k, v in scheduler_config.items() if v is not None}
+        given = {k: v for k, v in scheduler_config.items() if v is not None and k not in self.ignored_keys}
         # The sampler's defining settings win over the bundle's (a config saved by a Karras-sigma scheduler
         # must not turn plain "dpmpp_2m" into its Karras variant); class-specific keys are read from here.
         self.options = {**self.config_defaults, **given, **self.diffusers_config}

@@ -12,7 +12,7 @@ from __future__ import annotations
 import numpy as np
 
 from .base import Sampler
-from .schedule import SchedulerConfig, alphas_cumprod, spaced_timesteps
+from .schedule import SchedulerConfig, alphas_cumprod, karras_sigmas, sigma_to_t, spaced_timesteps
 
 
 def training_sigmas(config: SchedulerConfig) -> np.ndarray:
@@ -35,12 +35,17 @@ class Euler(Sampler):
     name, label, diffusers_class = "euler", "Euler", "EulerDiscreteScheduler"
     config_defaults = {"timestep_spacing": "linspace"}
 
+    karras = False  # re-space the sigmas by Karras et al.'s rule (diffusers' use_karras_sigmas)
+
     def __init__(self, scheduler_config: dict, steps: int):
         super().__init__(scheduler_config, steps)
         config = self.config
         self.timesteps = spaced_timesteps(config, steps, integer=False)
         train = training_sigmas(config)
-        sigmas = np.interp(self.timesteps, np.arange(len(train)), train)
+        sigmas = np.interp(self.timesteps, np.arange(len(train)), train)  # (N,) float64
+        if self.karras:  # between the spacing-selected sigmas' ends (diffusers' `_convert_to_karras`)
+            sigmas = karras_sigmas(float(sigmas[-1]), float(sigmas[0]), steps)
+            self.timesteps = sigma_to_t(sigmas, np.log(train))
         self.sigmas = np.concatenate([sigmas, [0.0]]).astype(np.float32)  # (N+1,)
         top = float(self.sigmas.max())
         # diffusers: sigma_max for linspace/trailing, sqrt(sigma_max^2 + 1) for leading
