@@ -245,3 +245,15 @@ def test_unusable_scheduler_configs_are_refused():
         make_sampler("ddim", {"thresholding": True}, 10)
     with pytest.raises(InvalidRequest, match="beta_schedule 'wobbly'"):
         make_sampler("ddim", {"beta_schedule": "wobbly"}, 10)
+
+
+def test_euler_ancestral_noise_has_the_formula_std_and_comes_from_the_generator():
+    """x = 0 and eps = 0 make x0 = 0, so one step leaves only sigma_up * z."""
+    s = make_sampler("euler_a", SD15, 10)
+    x = np.zeros((1, 4, 64, 64), np.float32)
+    a, b = s.step(x, 3, x, np.random.default_rng(5)), s.step(x, 3, x, np.random.default_rng(5))
+    c = s.step(x, 3, x, np.random.default_rng(6))
+    assert np.array_equal(a, b) and not np.array_equal(a, c)
+    sigma, sigma_next = float(s.sigmas[3]), float(s.sigmas[4])
+    sigma_up = (sigma_next**2 * (sigma**2 - sigma_next**2) / sigma**2) ** 0.5
+    assert a.std() == pytest.approx(sigma_up, rel=0.03) and abs(a.mean()) < 0.05 * sigma_up
