@@ -131,6 +131,13 @@ def generate(
     width: Optional[int] = typer.Option(None, "--width"),
     batch: int = typer.Option(1, "--batch"),
     eta: Optional[float] = typer.Option(None, "--eta", help="DDIM only: 0 deterministic (default) to 1 (DDPM-like)."),
+    clip_skip: int = typer.Option(1, "--clip-skip", help="A1111's numbering: 1 = last layer, 2 = the one before."),
+    no_emphasis: bool = typer.Option(False, "--no-emphasis", help="Brackets are plain text, not (word:1.3) weights."),
+    truncate: bool = typer.Option(False, "--truncate", help="Drop what passes 75 tokens (diffusers) instead of "
+                                  "encoding the prompt in 75-token chunks (A1111)."),
+    embedding: list[Path] = typer.Option([], "--embedding", help="Textual-inversion file (repeatable); its trigger "
+                                         "word is the file name (A1111) or the token it holds (diffusers)."),
+    allow_pickle: bool = typer.Option(False, "--allow-pickle", help="Allow .pt/.bin embeddings (pickles can run code)."),
 ):
     """Generate images from a prompt."""
     from .runtime.images import output_paths, save_all
@@ -142,10 +149,13 @@ def generate(
         _fail(f"--out {str(out)!r} must end in .png", 2)
     make_sampler(sampler, {}, 1, eta)  # so do an unknown sampler and an eta it can't take
     pipe = Pipeline.load(model)
+    for path in embedding:
+        typer.echo(f"embedding {pipe.load_embedding(path, allow_pickle=allow_pickle)!r} from {path}")
     bar = _StepBar()
     try:
         images = pipe.txt2img(prompt, negative_prompt=negative_prompt, steps=steps, guidance=guidance, seed=seed,
-                              sampler=sampler, height=height, width=width, batch=batch, progress=bar, eta=eta)
+                              sampler=sampler, height=height, width=width, batch=batch, progress=bar, eta=eta,
+                              clip_skip=clip_skip, emphasis=not no_emphasis, truncate=truncate)
     finally:
         bar.close()
     save_all(images, paths)

@@ -82,7 +82,7 @@ def test_unknown_format_version(bundle):
     _edit_manifest(bundle, format_version=99)
     with pytest.raises(UnsupportedBundleVersion) as e:
         sdrt.Pipeline.load(bundle)
-    assert str(e.value) == (f"'{bundle / 'sdrt.json'}' has format version 99, this sdrt reads version 1; "
+    assert str(e.value) == (f"'{bundle / 'sdrt.json'}' has format version 99, this sdrt reads versions 1, 2; "
                             f"{REEXPORT} with this sdrt, or install the sdrt that wrote it")
 
 

@@ -5,6 +5,7 @@ import shutil
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 from PIL import Image
 
@@ -30,6 +31,18 @@ def test_generate_writes_a_png_with_a1111_parameters(bundles, tmp_path, capsys):
     assert [p.name for p in tmp_path.iterdir()] == ["cat.png"]  # no temp files left
 
 
+def test_generate_with_prompt_options_and_an_embedding(bundles, tmp_path, capsys):
+    from safetensors.numpy import save_file
+
+    save_file({"emb_params": np.ones((2, 32), np.float32)}, str(tmp_path / "shiny.safetensors"))
+    out = tmp_path / "o.png"
+    code, stdout, _ = run(capsys, "generate", "a (shiny:1.2) cat", "--model", bundles["sd1"], "--out", out,
+                          "--steps", 2, "--clip-skip", 2, "--no-emphasis", "--truncate",
+                          "--embedding", tmp_path / "shiny.safetensors")
+    assert code == 0 and "embedding 'shiny'" in stdout
+    assert "Clip skip: 2" in Image.open(out).text["parameters"] and "Emphasis: None" in Image.open(out).text["parameters"]
+
+
 def test_generate_batch_writes_one_file_per_image(bundles, tmp_path, capsys):
     code, _, _ = run(capsys, "generate", "x", "--model", bundles["sd2"], "--out", tmp_path / "b.png",
                      "--batch", 2, "--steps", 2, "--seed", 1, "--width", 48)
@@ -53,6 +66,8 @@ GENERATE_ERRORS = [  # extra arguments, exit code, the line on stderr (after "er
     (["--sampler", "k_dpm_9"], 2, "unknown sampler 'k_dpm_9'; known samplers: ddim (DDIM), pndm (PLMS), "),
     (["--sampler", "euler", "--eta", "0.5"], 2, "sampler 'euler' takes no eta; eta applies to ddim"),
     (["--sampler", "ddim", "--eta", "1.5"], 2, "eta must be a number from 0 to 1, got 1.5"),
+    (["--clip-skip", "0"], 2, "clip skip must be a whole number from 1 to 2, got 0"),
+    (["--embedding", "/nonexistent/x.pt"], 2, "embedding file '/nonexistent/x.pt' does not exist"),
     (["--height", "65"], 2, "height must be a positive multiple of 8, got 65; use 64 or 72"),
     (["--width", "0"], 2, "width must be a positive multiple of 8, got 0"),
     (["--batch", "0"], 2, "batch must be a whole number from 1 to 64, got 0"),

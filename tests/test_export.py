@@ -25,15 +25,20 @@ def test_bundle_has_optimums_layout_and_a_complete_manifest(bundles):
     assert (b / "tokenizer" / "tokenizer.json").is_file() and (b / "scheduler" / "scheduler_config.json").is_file()
     assert (b / "model_index.json").is_file()
     m = json.loads((b / "sdrt.json").read_text())
-    assert m["format"] == "sdrt-bundle" and m["format_version"] == 1
+    assert m["format"] == "sdrt-bundle" and m["format_version"] == 2
     on_disk = {p.relative_to(b).as_posix() for p in b.rglob("*") if p.is_file()} - {"sdrt.json"}
     assert set(m["files"]) == on_disk
     assert all(sha256_file(b / rel) == digest for rel, digest in m["files"].items())
     unet = {t["name"]: t for t in m["graphs"]["unet"]["inputs"]}
     assert unet["sample"]["shape"] == ["batch", 4, "height", "width"] and unet["sample"]["dynamic"] == [0, 2, 3]
     assert unet["timestep"]["dtype"] == "float32"
-    assert m["graphs"]["text_encoder"]["inputs"][0] == {"name": "input_ids", "dtype": "int64",
-                                                        "shape": ["batch", 77], "dynamic": [0]}
+    assert m["graphs"]["text_encoder"]["inputs"][0] == {"name": "inputs_embeds", "dtype": "float32",
+                                                        "shape": ["batch", 77, 32], "dynamic": [0]}
+    hidden = {t["name"]: t for t in m["graphs"]["text_encoder"]["outputs"]}["hidden_states"]
+    hidden_shape = hidden["shape"][:2] + hidden["shape"][3:]  # the token axis may carry a symbolic name
+    assert hidden_shape == ["batch", 3, 32]  # the embeddings' output and each of the 2 layers'
+    assert m["token_embeddings"] == "text_encoder/token_embeddings.npy" and m["token_embeddings"] in m["files"]
+    assert np.load(b / m["token_embeddings"]).shape == (49408, 32)
     assert (m["latent_channels"], m["vae_scaling_factor"], m["prediction_type"]) == (4, 0.18215, "epsilon")
     assert (m["tokenizer_max_length"], m["tokenizer_pad_id"]) == (77, 49407)
     assert (m["default_height"], m["default_width"]) == (64, 64)  # the U-Net's sample_size x 8

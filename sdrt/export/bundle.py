@@ -12,6 +12,8 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
+
 from .. import __version__
 from ..errors import ExportFailed, OutputNotWritable
 from ..runtime import names, request
@@ -136,10 +138,12 @@ def export_bundle(src: Path, out: Path, height: int | None = None, width: int | 
             started = time.perf_counter()
             path = trace.export_onnx(module, inputs, in_names, out_names, axes, tmp / comp, external_threshold)
             feeds = verify.check_inputs(source, comp, height, width, ids)
-            errors[comp] = verify.verify(comp, module, path, feeds)
+            expected = verify.expected_outputs(source, comp, module, feeds, ids)
+            errors[comp] = verify.verify(comp, expected, path, feeds)
             graphs[comp] = graph_spec(path, f"{comp}/{names.MODEL_FILE}")
             log(f"{comp}: exported and checked in {time.perf_counter() - started:.1f}s "
                 f"(relative error vs torch {errors[comp]:.2e})")
+        np.save(tmp / names.TEXT_ENCODER / names.TOKEN_EMBEDDINGS_FILE, verify.token_embeddings(source))
         _copy_configs(source, tmp, tokenizer)
         relax_permissions(tmp)
         files = {p.relative_to(tmp).as_posix(): sha256_file(p) for p in sorted(tmp.rglob("*")) if p.is_file()}
@@ -150,6 +154,7 @@ def export_bundle(src: Path, out: Path, height: int | None = None, width: int | 
             prediction_type=source.scheduler_config.get("prediction_type", "epsilon"),
             default_height=height, default_width=width, text_hidden_size=te.hidden_size,
             tokenizer_max_length=tokenizer.max_length, tokenizer_pad_id=pad_id, files=files,
+            token_embeddings=f"{names.TEXT_ENCODER}/{names.TOKEN_EMBEDDINGS_FILE}",
             source_hash=source.hash, versions=_versions())
         data = manifest.to_json()
         data["verification"] = {"metric": "relative L2 error vs torch", "limit": verify.RELATIVE_ERROR_LIMIT,

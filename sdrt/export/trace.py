@@ -7,6 +7,7 @@ the skip connections' sizes: any height and width that are multiples of 8 then r
 """
 from __future__ import annotations
 
+import inspect
 import tempfile
 import warnings
 from pathlib import Path
@@ -21,13 +22,27 @@ def _wrappers():
     import torch
 
     class TextEncoder(torch.nn.Module):
+        """CLIP's text transformer from token embeddings on (the lookup stays in the runtime), returning every
+        layer's output through the final layer norm for clip skip. Written against the layer stack because
+        CLIPTextModel's forward takes only input_ids; the exporter checks it against that forward."""
+
         def __init__(self, m):
             super().__init__()
-            self.m = m
+            self.m = getattr(m, "text_model", m)  # transformers < 5 wraps the transformer in .text_model
+            layer = self.m.encoder.layers[0]
+            self.old_layer_api = "causal_attention_mask" in inspect.signature(layer.forward).parameters
 
-        def forward(self, input_ids):
-            out = self.m(input_ids=input_ids, return_dict=False)
-            return out[0], out[1]
+        def forward(self, inputs_embeds):
+            seq = inputs_embeds.shape[1]
+            causal = torch.full((seq, seq), float("-inf")).triu(1)[None, None]  # (1, 1, T, T) additive mask
+            h = self.m.embeddings(inputs_embeds=inputs_embeds)  # + position embeddings
+            states = [h]
+            for layer in self.m.encoder.layers:
+                out = layer(h, None, causal) if self.old_layer_api else layer(h, causal)
+                h = out[0] if isinstance(out, tuple) else out
+                states.append(h)
+            normed = self.m.final_layer_norm(torch.stack(states, dim=1))  # (B, L+1, T, D)
+            return normed[:, -1], normed
 
     class UNet(torch.nn.Module):
         def __init__(self, m):
@@ -71,16 +86,19 @@ def components(source) -> dict:
     seq = te.config.max_position_embeddings
     g = torch.Generator().manual_seed(0)
     ids = torch.randint(0, te.config.vocab_size - 2, (2, seq), generator=g)
+    embeds = te.get_input_embeddings()(ids)  # (2, T, D)
     bhw = {0: "batch", 2: "height", 3: "width"}
     latent_ch, in_ch = vae.config.latent_channels, unet.config.in_channels
     return {
-        names.TEXT_ENCODER: (TextEncoder(te), (ids,), [names.INPUT_IDS], [names.LAST_HIDDEN_STATE, names.POOLER_OUTPUT],
-                             {names.INPUT_IDS: {0: "batch"}, names.LAST_HIDDEN_STATE: {0: "batch"},
-                              names.POOLER_OUTPUT: {0: "batch"}}),
+        names.TEXT_ENCODER: (TextEncoder(te), (embeds,), [names.INPUTS_EMBEDS],
+                             [names.LAST_HIDDEN_STATE, names.HIDDEN_STATES],
+                             {names.INPUTS_EMBEDS: {0: "batch"}, names.LAST_HIDDEN_STATE: {0: "batch"},
+                              names.HIDDEN_STATES: {0: "batch"}}),
         names.UNET: (UNet(unet), (torch.randn(2, in_ch, h, w, generator=g), torch.tensor([500.0, 500.0]),
                                   torch.randn(2, seq, unet.config.cross_attention_dim, generator=g)),
                      [names.SAMPLE, names.TIMESTEP, names.ENCODER_HIDDEN_STATES], [names.OUT_SAMPLE],
-                     {names.SAMPLE: bhw, names.TIMESTEP: {0: "batch"}, names.ENCODER_HIDDEN_STATES: {0: "batch"},
+                     {names.SAMPLE: bhw, names.TIMESTEP: {0: "batch"},
+                      names.ENCODER_HIDDEN_STATES: {0: "batch", 1: "tokens"},  # 77·k: long prompts in chunks
                       names.OUT_SAMPLE: bhw}),
         names.VAE_DECODER: (VaeDecoder(vae), (torch.randn(2, latent_ch, h, w, generator=g),), [names.LATENT_SAMPLE],
                             [names.SAMPLE], {names.LATENT_SAMPLE: bhw, names.SAMPLE: bhw}),

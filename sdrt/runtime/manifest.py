@@ -17,7 +17,8 @@ from . import names
 from .fsutil import sha256_file
 
 FORMAT = "sdrt-bundle"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: the text encoder takes token embeddings (looked up from token_embeddings) and returns
+READABLE_VERSIONS = (1, 2)  # every layer's hidden states; 1: it took input_ids, as optimum's does
 REEXPORT = "re-export it with `sdrt export SRC --out BUNDLE`"
 
 
@@ -66,6 +67,7 @@ class Manifest:
     tokenizer_max_length: int
     tokenizer_pad_id: int
     files: dict[str, str] = field(default_factory=dict)  # relative path -> sha256
+    token_embeddings: str | None = None  # relative path of the (vocab, D) lookup table, when the graph takes embeddings
     source_hash: str | None = None
     versions: dict[str, str] = field(default_factory=dict)
     format_version: int = FORMAT_VERSION
@@ -112,15 +114,17 @@ def _parse(path: Path) -> Manifest:
     if not isinstance(raw, dict) or raw.get("format") != FORMAT:
         raise BundleCorrupt(f"{str(path)!r} is not an sdrt manifest (expected \"format\": \"{FORMAT}\"); {REEXPORT}")
     version = raw.get("format_version")
-    if version != FORMAT_VERSION:
+    if version not in READABLE_VERSIONS:
         raise UnsupportedBundleVersion(
-            f"{str(path)!r} has format version {version!r}, this sdrt reads version {FORMAT_VERSION}; "
+            f"{str(path)!r} has format version {version!r}, this sdrt reads versions "
+            f"{', '.join(map(str, READABLE_VERSIONS))}; "
             f"{REEXPORT} with this sdrt, or install the sdrt that wrote it")
     try:
         manifest = Manifest.from_json(raw)
     except (KeyError, TypeError, ValueError) as e:
         raise BundleCorrupt(f"{str(path)!r} is missing or has a malformed field ({e!r}); {REEXPORT}") from None
-    for rel in [*manifest.files, *(g.path for g in manifest.graphs.values())]:
+    extra = [manifest.token_embeddings] if manifest.token_embeddings else []
+    for rel in [*manifest.files, *(g.path for g in manifest.graphs.values()), *extra]:
         if Path(rel).is_absolute() or ".." in Path(rel).parts:
             raise BundleCorrupt(f"{str(path)!r} names the file {rel!r}, outside the bundle; refusing it. {REEXPORT}")
     missing = [c for c in names.REQUIRED_COMPONENTS if c not in manifest.graphs]
@@ -137,6 +141,8 @@ def verify_files(bundle: Path, manifest: Manifest) -> None:
         if sha256_file(f) != digest:
             raise BundleCorrupt(f"bundle file {str(f)!r} does not match its sha256 in {names.MANIFEST_FILE} "
                                 f"(corrupt or modified); {REEXPORT}")
+    if manifest.token_embeddings and manifest.token_embeddings not in manifest.files:
+        raise BundleCorrupt(f"{manifest.token_embeddings} is not hashed in {names.MANIFEST_FILE}; {REEXPORT}")
     for comp, graph in manifest.graphs.items():
         if graph.path not in manifest.files:
             raise BundleCorrupt(f"graph {comp} ({graph.path}) is not hashed in {names.MANIFEST_FILE}; {REEXPORT}")

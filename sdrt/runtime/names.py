@@ -8,10 +8,16 @@ VAE_ENCODER = "vae_encoder"
 COMPONENTS = (TEXT_ENCODER, UNET, VAE_DECODER, VAE_ENCODER)
 REQUIRED_COMPONENTS = (TEXT_ENCODER, UNET, VAE_DECODER)
 
-# text_encoder: input_ids (B, T) -> last_hidden_state (B, T, D), pooler_output (B, D)
+# text_encoder, as sdrt exports it: inputs_embeds (B, T, D) token embeddings (looked up by the runtime, so
+# textual-inversion vectors need no re-export) -> last_hidden_state (B, T, D), hidden_states (B, L+1, T, D): the
+# output of the embeddings and of each of the L layers, each through the final layer norm (clip skip picks one).
+# optimum's graph instead takes input_ids (B, T) and outputs last_hidden_state, pooler_output (B, D).
 INPUT_IDS = "input_ids"
+INPUTS_EMBEDS = "inputs_embeds"
 LAST_HIDDEN_STATE = "last_hidden_state"
+HIDDEN_STATES = "hidden_states"
 POOLER_OUTPUT = "pooler_output"
+TOKEN_EMBEDDINGS_FILE = "token_embeddings.npy"  # in text_encoder/: (vocab, D) float32, the lookup table
 
 # unet: sample (B, C, h, w), timestep (B,), encoder_hidden_states (B, T, D) -> out_sample (B, 4, h, w)
 SAMPLE = "sample"

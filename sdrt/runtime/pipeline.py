@@ -14,10 +14,12 @@ import numpy as np
 from .. import __version__
 from ..errors import BundleCorrupt, InvalidRequest, NonFiniteOutput
 from . import names, request
+from .embeddings import load_embedding
 from .engine import Engine, OrtEngine
 from .images import a1111_parameters, to_pil
 from .manifest import Manifest, load_manifest, read_json
 from .samplers import Sampler, SchedulerConfig, make_sampler
+from .text import TextEncoder, TextOptions
 from .tokenizer import ClipTokenizer
 
 BACKENDS = ("auto", "onnxruntime")
@@ -25,10 +27,10 @@ Progress = Callable[[int, int], None]
 
 
 class Pipeline:
-    def __init__(self, path: Path, manifest: Manifest, engines: dict[str, Engine], tokenizer: ClipTokenizer,
+    def __init__(self, path: Path, manifest: Manifest, engines: dict[str, Engine], text: TextEncoder,
                  scheduler_config: dict):
         self.path, self.manifest, self.engines = path, manifest, engines
-        self.tokenizer, self.scheduler_config = tokenizer, scheduler_config
+        self.text, self.tokenizer, self.scheduler_config = text, text.tokenizer, scheduler_config
 
     @classmethod
     def load(cls, path: str | Path, backend: str = "auto", threads: int | None = None) -> "Pipeline":
@@ -42,17 +44,28 @@ class Pipeline:
         _check_io(manifest, engines)
         tokenizer = ClipTokenizer.from_folder(path / "tokenizer", manifest.tokenizer_max_length,
                                               manifest.tokenizer_pad_id)
+        table = _token_embeddings(path, manifest) if manifest.token_embeddings else None
         sched_file = path / "scheduler" / "scheduler_config.json"
         sched = read_json(sched_file) if sched_file.exists() else {}
         sched["prediction_type"] = manifest.prediction_type
         SchedulerConfig.from_dict(sched)  # refuse an unusable config at load, not at the first request
-        return cls(path, manifest, engines, tokenizer, sched)
+        return cls(path, manifest, engines, TextEncoder(engines, tokenizer, table), sched)
+
+    def load_embedding(self, path: str | Path, trigger: str | None = None, allow_pickle: bool = False) -> str:
+        """Load a textual-inversion embedding (A1111 .pt/.safetensors, diffusers learned_embeds); its trigger
+        word (the file name, the file's token, or `trigger`) in a prompt then uses its vectors. Returns it."""
+        loaded = load_embedding(path, self.manifest.text_hidden_size, trigger, allow_pickle)
+        if not self.text.takes_embeddings:
+            raise InvalidRequest("textual-inversion embeddings need a text encoder that takes token embeddings; "
+                                 "this bundle's takes token ids (an optimum export or an older sdrt bundle): "
+                                 "re-export it with `sdrt export`")
+        self.text.embeddings.update(loaded)
+        return next(iter(loaded))
 
     # -- the three stages -------------------------------------------------------------------------
-    def encode_prompt(self, prompts: list[str]) -> np.ndarray:
-        ids = self.tokenizer(prompts)  # (N, 77)
-        hidden = self.engines[names.TEXT_ENCODER](**{names.INPUT_IDS: ids})[names.LAST_HIDDEN_STATE]
-        return _finite(hidden.astype(np.float32), "text encoder")  # (N, 77, D)
+    def encode_prompt(self, prompts: list[str], options: TextOptions = TextOptions()) -> np.ndarray:
+        """(N, 77·k, D): prompts in A1111's syntax, each padded to the longest one's k chunks."""
+        return _finite(self.text.encode(prompts, options), "text encoder")
 
     def _denoise(self, x: np.ndarray, text: np.ndarray, sampler: Sampler, guidance: float, noise,
                  start: int = 0, progress: Progress | None = None) -> np.ndarray:
@@ -83,11 +96,15 @@ class Pipeline:
     def txt2img(self, prompt: str, negative_prompt: str = "", steps: int = 20, guidance: float = 7.5,
                 seed: int | None = None, sampler: str = "euler", height: int | None = None,
                 width: int | None = None, batch: int = 1, latents: np.ndarray | None = None,
-                progress: Progress | None = None, eta: float | None = None) -> list:
+                progress: Progress | None = None, eta: float | None = None, clip_skip: int = 1,
+                emphasis: bool = True, truncate: bool = False) -> list:
         """Generate `batch` images. Image i is drawn with seed+i. `sampler`: a name from `sdrt info` (sdrt's,
-        AUTOMATIC1111's label or the diffusers class); `eta`: DDIM's stochasticity. Returns PIL images whose
-        `info["parameters"]` holds the settings in AUTOMATIC1111's format."""
-        job = self._job(prompt, negative_prompt, steps, guidance, seed, sampler, height, width, batch, eta)
+        AUTOMATIC1111's label or the diffusers class); `eta`: DDIM's stochasticity. Prompts take A1111's
+        syntax ((word:1.3), [word], BREAK) unless `emphasis` is off, and run past 77 tokens in chunks unless
+        `truncate`; `clip_skip` counts as A1111 does. Returns PIL images whose `info["parameters"]` holds the
+        settings in AUTOMATIC1111's format."""
+        text = self._text_options(clip_skip, emphasis, truncate)
+        job = self._job(prompt, negative_prompt, steps, guidance, seed, sampler, height, width, batch, eta, text)
         if self.manifest.unet_in_channels != self.manifest.latent_channels:
             raise InvalidRequest(f"this bundle's U-Net takes {self.manifest.unet_in_channels} input channels, "
                                  f"not {self.manifest.latent_channels}: it is not a text-to-image model")
@@ -99,7 +116,14 @@ class Pipeline:
         x = self._denoise(x, self._guided_text(job), solver, job.guidance, job.noise, progress=progress)
         return self._images(self.decode(x), job, solver, seeded=latents is None)
 
-    def _job(self, prompt, negative_prompt, steps, guidance, seed, sampler, height, width, batch, eta) -> "_Job":
+    def _text_options(self, clip_skip, emphasis, truncate) -> TextOptions:
+        for value, what in ((emphasis, "emphasis"), (truncate, "truncate")):
+            if not isinstance(value, bool):
+                raise InvalidRequest(f"{what} must be True or False, got {value!r}")
+        return TextOptions(emphasis, truncate, request.check_int(clip_skip, "clip skip", 1, self.text.layers))
+
+    def _job(self, prompt, negative_prompt, steps, guidance, seed, sampler, height, width, batch, eta,
+             text: TextOptions) -> "_Job":
         """Check the options every mode shares; draw a seed when none is given."""
         m = self.manifest
         height = request.check_size(m.default_height if height is None else height, "height", m.vae_scale_factor)
@@ -112,15 +136,15 @@ class Pipeline:
             prompt=request.check_prompt(prompt),
             negative_prompt=request.check_prompt(negative_prompt, "negative prompt"),
             steps=steps, guidance=request.check_guidance(guidance),
-            solver=make_sampler(sampler, self.scheduler_config, steps, eta), seed=seed,
+            solver=make_sampler(sampler, self.scheduler_config, steps, eta), seed=seed, text=text,
             height=height, width=width, batch=batch,
             latent_shape=(batch, m.latent_channels, height // m.vae_scale_factor, width // m.vae_scale_factor),
             noise=request.BatchNoise([seed + i for i in range(batch)]))
 
     def _guided_text(self, job: "_Job") -> np.ndarray:
         if job.guidance <= 1.0:
-            return np.repeat(self.encode_prompt([job.prompt]), job.batch, axis=0)  # (B, 77, D)
-        uncond, cond = np.split(self.encode_prompt([job.negative_prompt, job.prompt]), 2)
+            return np.repeat(self.encode_prompt([job.prompt], job.text), job.batch, axis=0)  # (B, 77·k, D)
+        uncond, cond = np.split(self.encode_prompt([job.negative_prompt, job.prompt], job.text), 2)
         return np.concatenate([np.repeat(uncond, job.batch, axis=0), np.repeat(cond, job.batch, axis=0)])  # (2B, 77, D)
 
     def _images(self, decoded: np.ndarray, job: "_Job", solver: Sampler, seeded: bool, **extra) -> list:
@@ -129,7 +153,11 @@ class Pipeline:
         for i, image in enumerate(images):
             settings = {"Steps": job.steps, "Sampler": solver.label, "CFG scale": job.guidance}
             if getattr(solver, "eta", 0):
-                settings["Eta DDIM"] = solver.eta  # AUTOMATIC1111's key
+                settings["Eta DDIM"] = solver.eta  # AUTOMATIC1111's keys
+            if job.text.clip_skip > 1:
+                settings["Clip skip"] = job.text.clip_skip
+            if not job.text.emphasis:
+                settings["Emphasis"] = "None"
             if seeded:
                 settings["Seed"] = job.seed + i
             settings.update({"Size": f"{job.width}x{job.height}", "Model hash": self.manifest.model_hash,
@@ -147,12 +175,26 @@ class _Job:
     steps: int
     guidance: float
     solver: Sampler  # made for this request: multistep samplers keep state
+    text: TextOptions
     seed: int
     height: int
     width: int
     batch: int
     latent_shape: tuple  # (B, 4, H/8, W/8)
     noise: request.BatchNoise
+
+
+def _token_embeddings(path: Path, manifest: Manifest) -> np.ndarray:
+    """The (vocab, D) lookup table, memory-mapped (hashed with the rest of the bundle at load)."""
+    table_path = path / manifest.token_embeddings
+    try:
+        table = np.load(table_path, mmap_mode="r", allow_pickle=False)
+    except (OSError, ValueError) as e:
+        raise BundleCorrupt(f"{str(table_path)!r} is not a readable numpy array ({e}); re-export the bundle") from None
+    if table.ndim != 2 or table.shape[1] != manifest.text_hidden_size:
+        raise BundleCorrupt(f"{str(table_path)!r} has shape {table.shape}, expected (vocab, "
+                            f"{manifest.text_hidden_size}); re-export the bundle")
+    return table
 
 
 def _finite(x: np.ndarray, stage: str, step: int | None = None) -> np.ndarray:
