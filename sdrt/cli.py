@@ -138,6 +138,8 @@ def generate(
     embedding: list[Path] = typer.Option([], "--embedding", help="Textual-inversion file (repeatable); its trigger "
                                          "word is the file name (A1111) or the token it holds (diffusers)."),
     allow_pickle: bool = typer.Option(False, "--allow-pickle", help="Allow .pt/.bin embeddings (pickles can run code)."),
+    lora: list[str] = typer.Option([], "--lora", help="LoRA .safetensors as FILE or FILE:WEIGHT (repeatable)."),
+    lora_dir: list[Path] = typer.Option([], "--lora-dir", help="Where the prompt's <lora:name:weight> tags are found."),
 ):
     """Generate images from a prompt."""
     from .runtime.images import output_paths, save_all
@@ -148,19 +150,30 @@ def generate(
     if out.suffix.lower() != ".png":
         _fail(f"--out {str(out)!r} must end in .png", 2)
     make_sampler(sampler, {}, 1, eta)  # so do an unknown sampler and an eta it can't take
+    loras = [_lora_option(text) for text in lora]
     pipe = Pipeline.load(model)
+    pipe.lora_dirs = list(lora_dir)
     for path in embedding:
         typer.echo(f"embedding {pipe.load_embedding(path, allow_pickle=allow_pickle)!r} from {path}")
     bar = _StepBar()
     try:
         images = pipe.txt2img(prompt, negative_prompt=negative_prompt, steps=steps, guidance=guidance, seed=seed,
                               sampler=sampler, height=height, width=width, batch=batch, progress=bar, eta=eta,
-                              clip_skip=clip_skip, emphasis=not no_emphasis, truncate=truncate)
+                              clip_skip=clip_skip, emphasis=not no_emphasis, truncate=truncate, loras=loras)
     finally:
         bar.close()
     save_all(images, paths)
     for path, image in zip(paths, images):
         typer.echo(f"{path}  ({image.info['parameters'].splitlines()[-1]})")
+
+
+def _lora_option(text: str) -> tuple[Path, float]:
+    """FILE or FILE:WEIGHT (the weight after the last colon, so Windows drive letters survive)."""
+    path, _, weight = text.rpartition(":")
+    try:
+        return (Path(path), float(weight)) if path else (Path(text), 1.0)
+    except ValueError:
+        return Path(text), 1.0
 
 
 @app.command()

@@ -35,12 +35,17 @@ def test_generate_with_prompt_options_and_an_embedding(bundles, tmp_path, capsys
     from safetensors.numpy import save_file
 
     save_file({"emb_params": np.ones((2, 32), np.float32)}, str(tmp_path / "shiny.safetensors"))
+    key = "lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_q"  # a (32, 32) projection
+    save_file({f"{key}.lora_down.weight": np.ones((2, 32), np.float32),
+               f"{key}.lora_up.weight": np.ones((32, 2), np.float32)}, str(tmp_path / "glow.safetensors"))
     out = tmp_path / "o.png"
-    code, stdout, _ = run(capsys, "generate", "a (shiny:1.2) cat", "--model", bundles["sd1"], "--out", out,
-                          "--steps", 2, "--clip-skip", 2, "--no-emphasis", "--truncate",
-                          "--embedding", tmp_path / "shiny.safetensors")
+    code, stdout, _ = run(capsys, "generate", "a (shiny:1.2) cat <lora:glow:0.3>", "--model", bundles["sd1"],
+                          "--out", out, "--steps", 2, "--clip-skip", 2, "--no-emphasis", "--truncate",
+                          "--embedding", tmp_path / "shiny.safetensors", "--lora-dir", tmp_path,
+                          "--lora", f"{tmp_path / 'glow.safetensors'}:0.2")
     assert code == 0 and "embedding 'shiny'" in stdout
-    assert "Clip skip: 2" in Image.open(out).text["parameters"] and "Emphasis: None" in Image.open(out).text["parameters"]
+    params = Image.open(out).text["parameters"]
+    assert "Clip skip: 2" in params and "Emphasis: None" in params and "Lora: glow: 0.2, glow: 0.3" in params
 
 
 def test_generate_batch_writes_one_file_per_image(bundles, tmp_path, capsys):
@@ -68,6 +73,7 @@ GENERATE_ERRORS = [  # extra arguments, exit code, the line on stderr (after "er
     (["--sampler", "ddim", "--eta", "1.5"], 2, "eta must be a number from 0 to 1, got 1.5"),
     (["--clip-skip", "0"], 2, "clip skip must be a whole number from 1 to 2, got 0"),
     (["--embedding", "/nonexistent/x.pt"], 2, "embedding file '/nonexistent/x.pt' does not exist"),
+    (["--lora", "/nonexistent/x.safetensors:0.5"], 2, "LoRA file '/nonexistent/x.safetensors' does not exist"),
     (["--height", "65"], 2, "height must be a positive multiple of 8, got 65; use 64 or 72"),
     (["--width", "0"], 2, "width must be a positive multiple of 8, got 0"),
     (["--batch", "0"], 2, "batch must be a whole number from 1 to 64, got 0"),

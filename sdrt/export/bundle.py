@@ -136,7 +136,8 @@ def export_bundle(src: Path, out: Path, height: int | None = None, width: int | 
         ids = tokenizer(["a photo of a cat"])  # (1, 77): the text encoder's check input
         for comp, (module, inputs, in_names, out_names, axes) in trace.components(source).items():
             started = time.perf_counter()
-            path = trace.export_onnx(module, inputs, in_names, out_names, axes, tmp / comp, external_threshold)
+            path = trace.export_onnx(module, inputs, in_names, out_names, axes, tmp / comp, external_threshold,
+                                     lora_targets=comp in names.LORA_COMPONENTS)
             feeds = verify.check_inputs(source, comp, height, width, ids)
             expected = verify.expected_outputs(source, comp, module, feeds, ids)
             errors[comp] = verify.verify(comp, expected, path, feeds)

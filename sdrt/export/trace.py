@@ -8,6 +8,7 @@ the skip connections' sizes: any height and width that are multiples of 8 then r
 from __future__ import annotations
 
 import inspect
+import json
 import tempfile
 import warnings
 from pathlib import Path
@@ -108,10 +109,13 @@ def components(source) -> dict:
 
 
 def export_onnx(module, inputs, input_names, output_names, dynamic_axes, out_dir: Path,
-                external_threshold: int = EXTERNAL_DATA_THRESHOLD) -> Path:
-    """Trace `module` to out_dir/model.onnx; weights over the threshold go to one model.onnx_data beside it."""
+                external_threshold: int = EXTERNAL_DATA_THRESHOLD, lora_targets: bool = False) -> Path:
+    """Trace `module` to out_dir/model.onnx; weights over the threshold go to one model.onnx_data beside it.
+    `lora_targets`: always keep the weights in model.onnx_data and write lora_map.json (see weight_map.py)."""
     import onnx
     import torch
+
+    from . import weight_map
 
     out_dir.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=out_dir.parent) as scratch, torch.no_grad(), warnings.catch_warnings():
@@ -122,9 +126,14 @@ def export_onnx(module, inputs, input_names, output_names, dynamic_axes, out_dir
         model = onnx.load(str(raw))  # pulls in any external data torch wrote for a > 2 GB model
     size = sum(len(t.raw_data) for t in model.graph.initializer)
     target = out_dir / names.MODEL_FILE
-    if size > external_threshold:
+    digests = weight_map.initializer_digests(model) if lora_targets else {}
+    if size > external_threshold or lora_targets:
         onnx.save_model(model, str(target), save_as_external_data=True, all_tensors_to_one_file=True,
-                        location=names.EXTERNAL_DATA_FILE, size_threshold=1024)
+                        location=names.EXTERNAL_DATA_FILE, size_threshold=0 if lora_targets else 1024)
     else:
         onnx.save_model(model, str(target))
+    if lora_targets:
+        saved = onnx.load(str(target), load_external_data=False)
+        mapping = weight_map.build(weight_map.targets(module.m), digests, saved)
+        (out_dir / names.LORA_MAP_FILE).write_text(json.dumps(mapping, indent=1) + "\n")
     return target

@@ -64,16 +64,26 @@ def _spec(arg) -> TensorSpec:
 class OrtEngine(Engine):
     """ONNX Runtime on the CPU execution provider."""
 
-    def __init__(self, path: Path, name: str, threads: int | None = None):
+    def __init__(self, path: Path, name: str, threads: int | None = None,
+                 overrides: dict[str, np.ndarray] | None = None):
+        """overrides: initializer name -> replacement value (LoRA-patched weights), applied before ONNX Runtime
+        optimizes the graph, so folded constants see them. ONNX Runtime's NCHWc layout pass reorders
+        convolution weights from the graph file and misses overrides (1.32), so a patched convolution turns it off."""
         import onnxruntime as ort
 
-        self.name = name
+        self.name, self.path, self.threads = name, path, threads
         opts = ort.SessionOptions()
         opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         opts.intra_op_num_threads = threads or os.cpu_count() or 1
         opts.log_severity_level = 3  # errors only: ORT's warnings about unused initializers are noise here
+        self._overrides = [ort.OrtValue.ortvalue_from_numpy(v) for v in (overrides or {}).values()]  # kept alive
+        for key, value in zip(overrides or {}, self._overrides):
+            opts.add_initializer(key, value)
+        conv_patched = any(np.ndim(v) == 4 for v in (overrides or {}).values())
+        extra = {"disabled_optimizers": ["NchwcTransformer"]} if conv_patched else {}
         try:
-            self.session = ort.InferenceSession(str(path), sess_options=opts, providers=["CPUExecutionProvider"])
+            self.session = ort.InferenceSession(str(path), sess_options=opts, providers=["CPUExecutionProvider"],
+                                                **extra)
         except Exception as e:  # ORT raises its own exception types (InvalidProtobuf, Fail, ...)
             raise BundleCorrupt(f"{name} graph {str(path)!r} could not be loaded by ONNX Runtime ({e}); "
                                 "re-export the bundle with `sdrt export`") from None

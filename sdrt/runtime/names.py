@@ -33,3 +33,5 @@ LATENT_PARAMETERS = "latent_parameters"
 MODEL_FILE = "model.onnx"
 EXTERNAL_DATA_FILE = "model.onnx_data"
 MANIFEST_FILE = "sdrt.json"
+LORA_MAP_FILE = "lora_map.json"  # beside the U-Net's and text encoder's graphs: where LoRA-targetable weights live
+LORA_COMPONENTS = (TEXT_ENCODER, UNET)

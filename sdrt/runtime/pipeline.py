@@ -14,8 +14,10 @@ import numpy as np
 from .. import __version__
 from ..errors import BundleCorrupt, InvalidRequest, NonFiniteOutput
 from . import names, request
+from . import lora
 from .embeddings import load_embedding
 from .engine import Engine, OrtEngine
+from .lora import Lora
 from .images import a1111_parameters, to_pil
 from .manifest import Manifest, load_manifest, read_json
 from .samplers import Sampler, SchedulerConfig, make_sampler
@@ -31,6 +33,9 @@ class Pipeline:
                  scheduler_config: dict):
         self.path, self.manifest, self.engines = path, manifest, engines
         self.text, self.tokenizer, self.scheduler_config = text, text.tokenizer, scheduler_config
+        self.loras: tuple[Lora, ...] = ()  # applied to the U-Net and text encoder engines now
+        self.lora_dirs: list[Path] = []  # where <lora:name:w> prompt tags are looked up
+        self._patched: set[str] = set()  # components whose engines run on patched weights
 
     @classmethod
     def load(cls, path: str | Path, backend: str = "auto", threads: int | None = None) -> "Pipeline":
@@ -61,6 +66,25 @@ class Pipeline:
                                  "re-export it with `sdrt export`")
         self.text.embeddings.update(loaded)
         return next(iter(loaded))
+
+    def set_loras(self, loras) -> None:
+        """Apply LoRAs [(file, weight), ...] to the U-Net and text encoder (several at once add up); an empty
+        list restores the base weights exactly. Only graphs whose weights change are reopened."""
+        wanted = tuple(Lora(Path(p).expanduser(), _lora_weight(w, p)) for p, w in loras)
+        if wanted == self.loras:
+            return
+        patches = lora.overrides(self.path, list(wanted))
+        for comp in names.LORA_COMPONENTS:
+            if comp in patches or comp in self._patched:
+                old = self.engines[comp]
+                self.engines[comp] = OrtEngine(old.path, comp, old.threads, patches.get(comp))
+        self._patched = set(patches)
+        self.loras = wanted
+
+    def _request_loras(self, prompt: str, loras) -> list[tuple[Path, float]]:
+        """--lora files plus the prompt's <lora:name:w> tags, resolved in lora_dirs."""
+        _, tags = lora.parse_tags(prompt)
+        return [*(loras or []), *((lora.resolve(name, self.lora_dirs), w) for name, w in tags)]
 
     # -- the three stages -------------------------------------------------------------------------
     def encode_prompt(self, prompts: list[str], options: TextOptions = TextOptions()) -> np.ndarray:
@@ -97,13 +121,15 @@ class Pipeline:
                 seed: int | None = None, sampler: str = "euler", height: int | None = None,
                 width: int | None = None, batch: int = 1, latents: np.ndarray | None = None,
                 progress: Progress | None = None, eta: float | None = None, clip_skip: int = 1,
-                emphasis: bool = True, truncate: bool = False) -> list:
+                emphasis: bool = True, truncate: bool = False, loras=None) -> list:
         """Generate `batch` images. Image i is drawn with seed+i. `sampler`: a name from `sdrt info` (sdrt's,
         AUTOMATIC1111's label or the diffusers class); `eta`: DDIM's stochasticity. Prompts take A1111's
         syntax ((word:1.3), [word], BREAK) unless `emphasis` is off, and run past 77 tokens in chunks unless
-        `truncate`; `clip_skip` counts as A1111 does. Returns PIL images whose `info["parameters"]` holds the
-        settings in AUTOMATIC1111's format."""
+        `truncate`; `clip_skip` counts as A1111 does. `loras`: [(file, weight)], added to the prompt's
+        `<lora:name:weight>` tags. Returns PIL images whose `info["parameters"]` holds the settings in
+        AUTOMATIC1111's format."""
         text = self._text_options(clip_skip, emphasis, truncate)
+        self.set_loras(self._request_loras(request.check_prompt(prompt), loras))
         job = self._job(prompt, negative_prompt, steps, guidance, seed, sampler, height, width, batch, eta, text)
         if self.manifest.unet_in_channels != self.manifest.latent_channels:
             raise InvalidRequest(f"this bundle's U-Net takes {self.manifest.unet_in_channels} input channels, "
@@ -158,6 +184,8 @@ class Pipeline:
                 settings["Clip skip"] = job.text.clip_skip
             if not job.text.emphasis:
                 settings["Emphasis"] = "None"
+            if self.loras:
+                settings["Lora"] = ", ".join(f"{x.path.stem}: {x.weight:g}" for x in self.loras)
             if seeded:
                 settings["Seed"] = job.seed + i
             settings.update({"Size": f"{job.width}x{job.height}", "Model hash": self.manifest.model_hash,
@@ -182,6 +210,12 @@ class _Job:
     batch: int
     latent_shape: tuple  # (B, 4, H/8, W/8)
     noise: request.BatchNoise
+
+
+def _lora_weight(weight, path) -> float:
+    if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not np.isfinite(weight):
+        raise InvalidRequest(f"LoRA {str(path)!r} has weight {weight!r}; give a finite number such as 0.8")
+    return float(weight)
 
 
 def _token_embeddings(path: Path, manifest: Manifest) -> np.ndarray:

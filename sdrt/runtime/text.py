@@ -14,6 +14,7 @@ import numpy as np
 from ..errors import InvalidRequest
 from . import names
 from .engine import Engine
+from .lora import parse_tags
 from .prompt import Chunks, apply_emphasis, encode_chunks, pad_to
 from .tokenizer import ClipTokenizer
 
@@ -50,6 +51,7 @@ class TextEncoder:
         cond and uncond so they share one U-Net batch."""
         self._check(options)
         vectors = {t: len(v) for t, v in self.embeddings.items()} if self.takes_embeddings else None
+        prompts = [parse_tags(p)[0] for p in prompts]  # <lora:...> tags pick weights, they are not text
         chunks = [encode_chunks(self.tokenizer, p, options.emphasis, vectors, options.truncate) for p in prompts]
         k = max(len(c) for c in chunks)
         chunks = [pad_to(c, k) for c in chunks]
