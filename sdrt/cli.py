@@ -74,12 +74,15 @@ def _options(debug: bool = typer.Option(False, "--debug", help="Show tracebacks 
 @app.command()
 @handle_errors
 def export(
-    src: Path = typer.Argument(..., help="A diffusers-format Stable Diffusion 1.x/2.x folder."),
+    src: Path = typer.Argument(..., help="A diffusers-format Stable Diffusion 1.x/2.x folder, or a single-file "
+                                "checkpoint (model.safetensors in the original layout)."),
     out: Path = typer.Option(..., "--out", "-o", help="The bundle folder to write."),
     height: Optional[int] = typer.Option(None, help="Default image height (default: the model's own)."),
     width: Optional[int] = typer.Option(None, help="Default image width (default: the model's own)."),
     allow_pickle: bool = typer.Option(False, "--allow-pickle", help="Load .bin/.ckpt/.pt weights (weights_only)."),
     force: bool = typer.Option(False, "--force", help="Replace an existing bundle at --out."),
+    family: Optional[str] = typer.Option(None, "--family", help="Single-file checkpoints: sd1, sd2 (512, epsilon) "
+                                         "or sd2-v (768, v-prediction); default: read from the weights."),
 ):
     """Export a model to an ONNX bundle, checking every graph against torch."""
     try:
@@ -92,7 +95,8 @@ def export(
     except ImportError as e:
         raise MissingDependency(f"exporting needs the export extra ({e.name or e} is missing): "
                                 "pip install torch==2.13.0 'sdrt[export]'") from None
-    manifest = export_bundle(src, out, height, width, allow_pickle, force, log=lambda m: typer.echo(m, err=True))
+    manifest = export_bundle(src, out, height, width, allow_pickle, force, log=lambda m: typer.echo(m, err=True),
+                             family=family)
     typer.echo(f"wrote {out} ({manifest.default_width}x{manifest.default_height}, {manifest.prediction_type}, "
                f"model hash {manifest.model_hash})")
 
@@ -140,6 +144,7 @@ def generate(
     allow_pickle: bool = typer.Option(False, "--allow-pickle", help="Allow .pt/.bin embeddings (pickles can run code)."),
     lora: list[str] = typer.Option([], "--lora", help="LoRA .safetensors as FILE or FILE:WEIGHT (repeatable)."),
     lora_dir: list[Path] = typer.Option([], "--lora-dir", help="Where the prompt's <lora:name:weight> tags are found."),
+    no_watermark: bool = typer.Option(False, "--no-watermark", help="Skip the invisible watermark (see `sdrt info`)."),
 ):
     """Generate images from a prompt."""
     from .runtime.images import output_paths, save_all
@@ -159,7 +164,8 @@ def generate(
     try:
         images = pipe.txt2img(prompt, negative_prompt=negative_prompt, steps=steps, guidance=guidance, seed=seed,
                               sampler=sampler, height=height, width=width, batch=batch, progress=bar, eta=eta,
-                              clip_skip=clip_skip, emphasis=not no_emphasis, truncate=truncate, loras=loras)
+                              clip_skip=clip_skip, emphasis=not no_emphasis, truncate=truncate, loras=loras,
+                              watermark=False if no_watermark else None)
     finally:
         bar.close()
     save_all(images, paths)
@@ -183,6 +189,7 @@ def info(bundle: Path = typer.Argument(..., help="A bundle folder."),
     """Check a bundle's files against its manifest and describe it."""
     from .runtime.manifest import load_manifest
     from .runtime.samplers import SAMPLERS
+    from .runtime.watermark import payload_for, watermark_available
 
     m = load_manifest(bundle)
     if as_json:
@@ -197,6 +204,9 @@ def info(bundle: Path = typer.Argument(..., help="A bundle folder."),
         ins = ", ".join(f"{t.name} {t.dtype}{list(t.shape)}" for t in g.inputs) or "read from the graph"
         typer.echo(f"{comp:<13}{g.path}: {ins}")
     typer.echo("samplers     " + ", ".join(f"{c.name} ({c.label})" for c in SAMPLERS.values()))
+    typer.echo("watermark    " + (f"active: dwtDct, payload {payload_for(m.text_hidden_size)!r}, on images of at least "
+                                  "256x256 (--no-watermark to skip)" if watermark_available()
+                                  else "off: install it with pip install 'sdrt[watermark]'"))
     if m.versions:
         typer.echo("exported by  " + ", ".join(f"{k} {v}" for k, v in m.versions.items()))
 

@@ -15,6 +15,7 @@ from .. import __version__
 from ..errors import BundleCorrupt, InvalidRequest, NonFiniteOutput
 from . import names, request
 from . import lora
+from . import watermark as _watermark
 from .embeddings import load_embedding
 from .engine import Engine, OrtEngine
 from .lora import Lora
@@ -121,16 +122,22 @@ class Pipeline:
                 seed: int | None = None, sampler: str = "euler", height: int | None = None,
                 width: int | None = None, batch: int = 1, latents: np.ndarray | None = None,
                 progress: Progress | None = None, eta: float | None = None, clip_skip: int = 1,
-                emphasis: bool = True, truncate: bool = False, loras=None) -> list:
+                emphasis: bool = True, truncate: bool = False, loras=None, watermark: bool | None = None) -> list:
         """Generate `batch` images. Image i is drawn with seed+i. `sampler`: a name from `sdrt info` (sdrt's,
         AUTOMATIC1111's label or the diffusers class); `eta`: DDIM's stochasticity. Prompts take A1111's
         syntax ((word:1.3), [word], BREAK) unless `emphasis` is off, and run past 77 tokens in chunks unless
         `truncate`; `clip_skip` counts as A1111 does. `loras`: [(file, weight)], added to the prompt's
-        `<lora:name:weight>` tags. Returns PIL images whose `info["parameters"]` holds the settings in
-        AUTOMATIC1111's format."""
+        `<lora:name:weight>` tags. `watermark`: the reference scripts' invisible watermark; None marks every
+        image large enough to carry it when the `watermark` extra is installed. Returns PIL images whose
+        `info["parameters"]` holds the settings in AUTOMATIC1111's format."""
         text = self._text_options(clip_skip, emphasis, truncate)
+        if watermark not in (None, True, False):
+            raise InvalidRequest(f"watermark must be True, False or None (automatic), got {watermark!r}")
+        if watermark:
+            _watermark.require()
         self.set_loras(self._request_loras(request.check_prompt(prompt), loras))
-        job = self._job(prompt, negative_prompt, steps, guidance, seed, sampler, height, width, batch, eta, text)
+        job = self._job(prompt, negative_prompt, steps, guidance, seed, sampler, height, width, batch, eta, text,
+                        _watermark.available() if watermark is None else watermark)
         if self.manifest.unet_in_channels != self.manifest.latent_channels:
             raise InvalidRequest(f"this bundle's U-Net takes {self.manifest.unet_in_channels} input channels, "
                                  f"not {self.manifest.latent_channels}: it is not a text-to-image model")
@@ -149,7 +156,7 @@ class Pipeline:
         return TextOptions(emphasis, truncate, request.check_int(clip_skip, "clip skip", 1, self.text.layers))
 
     def _job(self, prompt, negative_prompt, steps, guidance, seed, sampler, height, width, batch, eta,
-             text: TextOptions) -> "_Job":
+             text: TextOptions, watermark: bool = False) -> "_Job":
         """Check the options every mode shares; draw a seed when none is given."""
         m = self.manifest
         height = request.check_size(m.default_height if height is None else height, "height", m.vae_scale_factor)
@@ -162,7 +169,7 @@ class Pipeline:
             prompt=request.check_prompt(prompt),
             negative_prompt=request.check_prompt(negative_prompt, "negative prompt"),
             steps=steps, guidance=request.check_guidance(guidance),
-            solver=make_sampler(sampler, self.scheduler_config, steps, eta), seed=seed, text=text,
+            solver=make_sampler(sampler, self.scheduler_config, steps, eta), seed=seed, text=text, watermark=watermark,
             height=height, width=width, batch=batch,
             latent_shape=(batch, m.latent_channels, height // m.vae_scale_factor, width // m.vae_scale_factor),
             noise=request.BatchNoise([seed + i for i in range(batch)]))
@@ -176,6 +183,11 @@ class Pipeline:
     def _images(self, decoded: np.ndarray, job: "_Job", solver: Sampler, seeded: bool, **extra) -> list:
         """PIL images with their AUTOMATIC1111 parameters. `seeded`: the initial noise came from the seed."""
         images = to_pil(decoded)
+        payload = _watermark.payload_for(self.manifest.text_hidden_size)
+        marked = [job.watermark and _watermark.fits(image, payload) for image in images]
+        if any(marked):
+            images = [_watermark.apply_watermark([im], payload=payload)[0] if m else im
+                      for im, m in zip(images, marked)]
         for i, image in enumerate(images):
             settings = {"Steps": job.steps, "Sampler": solver.label, "CFG scale": job.guidance}
             if getattr(solver, "eta", 0):
@@ -184,6 +196,8 @@ class Pipeline:
                 settings["Clip skip"] = job.text.clip_skip
             if not job.text.emphasis:
                 settings["Emphasis"] = "None"
+            if marked[i]:
+                settings["Watermark"] = f"dwtDct {payload}"
             if self.loras:
                 settings["Lora"] = ", ".join(f"{x.path.stem}: {x.weight:g}" for x in self.loras)
             if seeded:
@@ -204,6 +218,7 @@ class _Job:
     guidance: float
     solver: Sampler  # made for this request: multistep samplers keep state
     text: TextOptions
+    watermark: bool
     seed: int
     height: int
     width: int
