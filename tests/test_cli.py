@@ -129,6 +129,7 @@ def test_export_then_info(models, tmp_path, capsys):
     code, stdout, _ = run(capsys, "info", tmp_path / "b")
     assert code == 0 and "all files match their sha256" in stdout and "v_prediction" in stdout
     assert "ddim (DDIM), pndm (PLMS), lms (LMS)" in stdout and "dpmpp_2m_karras (DPM++ 2M Karras)" in stdout
+    assert "watermark    active: dwtDct, payload 'StableDiffusionV1'" in stdout
 
 
 def test_info_on_a_missing_bundle(tmp_path, capsys):
