@@ -124,10 +124,20 @@ def _versions() -> dict[str, str]:
 
 def export_bundle(src: Path, out: Path, height: int | None = None, width: int | None = None,
                   allow_pickle: bool = False, force: bool = False,
-                  external_threshold: int = trace.EXTERNAL_DATA_THRESHOLD, log=print) -> Manifest:
+                  external_threshold: int = trace.EXTERNAL_DATA_THRESHOLD, log=print,
+                  family: str | None = None) -> Manifest:
+    """src: a diffusers model folder, or a single-file checkpoint (family: sd1, sd2, sd2-v; default detected)."""
     out = Path(out).expanduser().resolve()
     _prepare_target(out, force)
-    source = load_source(Path(src), allow_pickle)
+    source = load_source(Path(src), allow_pickle, family)
+    try:
+        return _write_bundle(source, out, height, width, force, external_threshold, log)
+    finally:
+        source.close()  # a single-file checkpoint's temporary config folder
+
+
+def _write_bundle(source: Source, out: Path, height: int | None, width: int | None, force: bool,
+                  external_threshold: int, log) -> Manifest:
     height, width = _default_size(source, height, width)
     tokenizer, pad_id = check_tokenizer(source.path / "tokenizer")
     tmp = make_temp_dir(out)

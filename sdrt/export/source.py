@@ -1,4 +1,5 @@
 """Open a diffusers-format Stable Diffusion folder with torch: safetensors by default, pickle only when asked.
+(A single-file checkpoint, model.safetensors in the original layout, is opened by single_file.py.)
 
 Pickle files can run code when unpickled, so a source with only .bin/.ckpt/.pt weights is refused unless
 `allow_pickle` is set, and even then torch loads them in weights_only mode (no arbitrary objects).
@@ -11,7 +12,7 @@ import logging
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..errors import NotAModelFolder, PickleRefused, SourceError
+from ..errors import InvalidRequest, NotAModelFolder, PickleRefused, SourceError
 from ..runtime.fsutil import sha256_file
 
 PICKLE_SUFFIXES = (".bin", ".ckpt", ".pt", ".pth")
@@ -27,6 +28,12 @@ class Source:
     vae: object  # diffusers.AutoencoderKL
     scheduler_config: dict
     hash: str
+    workdir: object = None  # a single-file checkpoint's temporary config folder (tempfile.TemporaryDirectory)
+
+    def close(self) -> None:
+        """Remove what loading made on disk (a single file's config folder); the modules stay usable."""
+        if self.workdir is not None:
+            self.workdir.cleanup()
 
 
 def _check_layout(src: Path) -> dict:
@@ -80,12 +87,19 @@ def _check_finite(name: str, module) -> None:
             raise SourceError(f"{name} weight {key!r} contains NaN or Inf; the checkpoint is corrupt")
 
 
-def load_source(src: Path, allow_pickle: bool = False) -> Source:
+def load_source(src: Path, allow_pickle: bool = False, family: str | None = None) -> Source:
     import torch
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import CLIPTextModel
 
+    from . import single_file
+
     src = Path(src).expanduser().resolve()
+    if src.is_file() or (not src.exists() and src.suffix.lower() in single_file.SUFFIXES):
+        return single_file.load_single_file(src, allow_pickle, family)  # model.safetensors in the original layout
+    if family is not None:
+        raise InvalidRequest(f"--family is for single-file checkpoints; {str(src)!r} is a folder, whose configs "
+                             "give the family")
     index = _check_layout(src)
     formats = {c: _weight_format(src / c, allow_pickle) for c in TORCH_COMPONENTS}
     classes = {"text_encoder": CLIPTextModel, "unet": UNet2DConditionModel, "vae": AutoencoderKL}
