@@ -62,7 +62,11 @@ def load_tokenizer_files(folder: Path) -> Tokenizer:
     try:
         if (folder / "tokenizer.json").exists():
             return Tokenizer.from_file(str(folder / "tokenizer.json"))
-        return build_clip_tokenizer(folder / "vocab.json", folder / "merges.txt")
+        tok = build_clip_tokenizer(folder / "vocab.json", folder / "merges.txt")
+        pad = _special_token(folder, "pad_token")
+        if pad and pad not in (BOS, EOS):  # SD 2.x pads with "!": transformers makes it a special token, so "!!"
+            tok.add_special_tokens([pad])  # splits into two of them instead of merging into one
+        return tok
     except Exception as e:  # noqa: BLE001 - tokenizers raises a bare Exception on a bad file
         raise BundleCorrupt(f"tokenizer files in {str(folder)!r} are missing or unreadable ({e}); "
                             "the folder needs tokenizer.json or vocab.json + merges.txt") from None
