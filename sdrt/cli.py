@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import functools
+import inspect
 import json
 import sys
 import warnings
@@ -120,57 +121,123 @@ class _StepBar:
             self._bar.__exit__(None, None, None)
 
 
-@app.command()
-@handle_errors
-def generate(
-    prompt: str = typer.Argument(..., help="What to draw."),
-    model: Path = typer.Option(..., "--model", "-m", help="The bundle folder (from `sdrt export`)."),
-    out: Path = typer.Option(..., "--out", "-o", help="Output PNG; with --batch N, OUT-0.png ... OUT-(N-1).png."),
-    negative_prompt: str = typer.Option("", "--negative-prompt", "-n"),
-    steps: int = typer.Option(20, "--steps"),
-    guidance: float = typer.Option(7.5, "--guidance", help="Classifier-free guidance scale; <= 1 turns it off."),
-    seed: Optional[int] = typer.Option(None, "--seed", help="Image i of a batch uses seed+i (random if omitted)."),
-    sampler: str = typer.Option("euler", "--sampler", help="Name, A1111 label or diffusers class."),
-    height: Optional[int] = typer.Option(None, "--height"),
-    width: Optional[int] = typer.Option(None, "--width"),
-    batch: int = typer.Option(1, "--batch"),
-    eta: Optional[float] = typer.Option(None, "--eta", help="DDIM only: 0 deterministic (default) to 1 (DDPM-like)."),
-    clip_skip: int = typer.Option(1, "--clip-skip", help="A1111's numbering: 1 = last layer, 2 = the one before."),
-    no_emphasis: bool = typer.Option(False, "--no-emphasis", help="Brackets are plain text, not (word:1.3) weights."),
-    truncate: bool = typer.Option(False, "--truncate", help="Drop what passes 75 tokens (diffusers) instead of "
-                                  "encoding the prompt in 75-token chunks (A1111)."),
-    embedding: list[Path] = typer.Option([], "--embedding", help="Textual-inversion file (repeatable); its trigger "
-                                         "word is the file name (A1111) or the token it holds (diffusers)."),
-    allow_pickle: bool = typer.Option(False, "--allow-pickle", help="Allow .pt/.bin embeddings (pickles can run code)."),
-    lora: list[str] = typer.Option([], "--lora", help="LoRA .safetensors as FILE or FILE:WEIGHT (repeatable)."),
-    lora_dir: list[Path] = typer.Option([], "--lora-dir", help="Where the prompt's <lora:name:weight> tags are found."),
-    no_watermark: bool = typer.Option(False, "--no-watermark", help="Skip the invisible watermark (see `sdrt info`)."),
-):
-    """Generate images from a prompt."""
+# Options every generation command takes, after its own arguments: (name, type, typer default).
+_SHARED = [
+    ("prompt", str, typer.Argument(..., help="What to draw.")),
+    ("model", Path, typer.Option(..., "--model", "-m", help="The bundle folder (from `sdrt export`).")),
+    ("out", Path, typer.Option(..., "--out", "-o", help="Output PNG; with --batch N, OUT-0.png ... OUT-(N-1).png.")),
+    ("negative_prompt", str, typer.Option("", "--negative-prompt", "-n")),
+    ("steps", int, typer.Option(20, "--steps")),
+    ("guidance", float, typer.Option(7.5, "--guidance", help="Classifier-free guidance scale; <= 1 turns it off.")),
+    ("seed", Optional[int], typer.Option(None, "--seed", help="Image i of a batch uses seed+i (random if omitted).")),
+    ("sampler", str, typer.Option("euler", "--sampler", help="Name, A1111 label or diffusers class.")),
+    ("height", Optional[int], typer.Option(None, "--height")),
+    ("width", Optional[int], typer.Option(None, "--width")),
+    ("batch", int, typer.Option(1, "--batch")),
+    ("eta", Optional[float], typer.Option(None, "--eta", help="DDIM only: 0 deterministic (default) to 1.")),
+    ("clip_skip", int, typer.Option(1, "--clip-skip", help="A1111's numbering: 1 = last layer, 2 = the one before.")),
+    ("no_emphasis", bool, typer.Option(False, "--no-emphasis", help="Brackets are plain text, not (word:1.3).")),
+    ("truncate", bool, typer.Option(False, "--truncate", help="Drop what passes 75 tokens (diffusers) instead of "
+                                    "encoding the prompt in 75-token chunks (A1111).")),
+    ("embedding", list[Path], typer.Option([], "--embedding", help="Textual-inversion file (repeatable); its "
+                                           "trigger is the file name (A1111) or the token it holds (diffusers).")),
+    ("allow_pickle", bool, typer.Option(False, "--allow-pickle", help="Allow .pt/.bin embeddings (pickles run code).")),
+    ("lora", list[str], typer.Option([], "--lora", help="LoRA .safetensors as FILE or FILE:WEIGHT (repeatable).")),
+    ("lora_dir", list[Path], typer.Option([], "--lora-dir", help="Where <lora:name:weight> prompt tags are found.")),
+    ("no_watermark", bool, typer.Option(False, "--no-watermark", help="Skip the invisible watermark (sdrt info).")),
+]
+
+
+def generation_command(fn):
+    """Register fn(pipe, prompt, options, progress, **own) -> images as a command taking its own arguments
+    and options (fn's signature after the first four) followed by _SHARED; it writes the PNGs."""
+    own = list(inspect.signature(fn).parameters.values())[4:]
+    shared = [inspect.Parameter(n, inspect.Parameter.KEYWORD_ONLY, default=d, annotation=t) for n, t, d in _SHARED]
+
+    @functools.wraps(fn)
+    def command(**kwargs):
+        s = {name: kwargs.pop(name) for name, _, _ in _SHARED}
+        return _generate(fn, s, kwargs)
+
+    kind = inspect.Parameter.KEYWORD_ONLY
+    command.__signature__ = inspect.Signature([p.replace(kind=kind) for p in own[:_arguments(own)]] + shared[:1]
+                                              + [p.replace(kind=kind) for p in own[_arguments(own):]] + shared[1:])
+    return app.command(fn.__name__.replace("_command", ""))(handle_errors(command))
+
+
+def _arguments(params) -> int:
+    """How many of a command's own parameters are positional arguments (they come before PROMPT)."""
+    return sum(1 for p in params if isinstance(p.default, type(typer.Argument(...))))
+
+
+def _generate(fn, s: dict, own: dict) -> None:
     from .runtime.images import output_paths, save_all
     from .runtime.pipeline import Pipeline
     from .runtime.samplers import make_sampler
 
-    paths = output_paths(out, batch if batch > 0 else 1)  # an unwritable --out fails before any work
-    if out.suffix.lower() != ".png":
-        _fail(f"--out {str(out)!r} must end in .png", 2)
-    make_sampler(sampler, {}, 1, eta)  # so do an unknown sampler and an eta it can't take
-    loras = [_lora_option(text) for text in lora]
-    pipe = Pipeline.load(model)
-    pipe.lora_dirs = list(lora_dir)
-    for path in embedding:
-        typer.echo(f"embedding {pipe.load_embedding(path, allow_pickle=allow_pickle)!r} from {path}")
+    paths = output_paths(s["out"], s["batch"] if s["batch"] > 0 else 1)  # an unwritable --out fails first
+    if s["out"].suffix.lower() != ".png":
+        _fail(f"--out {str(s['out'])!r} must end in .png", 2)
+    make_sampler(s["sampler"], {}, 1, s["eta"])  # so do an unknown sampler and an eta it can't take
+    loras = [_lora_option(text) for text in s["lora"]]
+    pipe = Pipeline.load(s["model"])
+    pipe.lora_dirs = list(s["lora_dir"])
+    for path in s["embedding"]:
+        typer.echo(f"embedding {pipe.load_embedding(path, allow_pickle=s['allow_pickle'])!r} from {path}")
+    options = {k: s[k] for k in ("negative_prompt", "steps", "guidance", "seed", "sampler", "height", "width",
+                                 "batch", "eta", "clip_skip", "truncate")}
+    options |= {"emphasis": not s["no_emphasis"], "loras": loras, "watermark": False if s["no_watermark"] else None}
     bar = _StepBar()
     try:
-        images = pipe.txt2img(prompt, negative_prompt=negative_prompt, steps=steps, guidance=guidance, seed=seed,
-                              sampler=sampler, height=height, width=width, batch=batch, progress=bar, eta=eta,
-                              clip_skip=clip_skip, emphasis=not no_emphasis, truncate=truncate, loras=loras,
-                              watermark=False if no_watermark else None)
+        images = fn(pipe, s["prompt"], options, bar, **own)
     finally:
         bar.close()
     save_all(images, paths)
     for path, image in zip(paths, images):
         typer.echo(f"{path}  ({image.info['parameters'].splitlines()[-1]})")
+
+
+@generation_command
+def generate(pipe, prompt, options, progress):
+    """Generate images from a prompt."""
+    return pipe.txt2img(prompt, progress=progress, **options)
+
+
+@generation_command
+def img2img_command(pipe, prompt, options, progress,
+                    image: Path = typer.Argument(..., help="The image to rework."),
+                    strength: float = typer.Option(0.75, "--strength", help="0-1: how much to change (1 = all)."),
+                    resize: bool = typer.Option(False, "--resize", help="Scale the image to --width/--height (or "
+                                                "to multiples of 8) instead of refusing it.")):
+    """Rework an image: noise it to --strength, then denoise it under the prompt."""
+    return pipe.img2img(image, prompt, strength=strength, resize=resize, progress=progress, **options)
+
+
+@generation_command
+def inpaint_command(pipe, prompt, options, progress,
+                    image: Path = typer.Argument(..., help="The image."),
+                    mask: Path = typer.Argument(..., help="White = repaint, black = keep (grayscale or RGBA)."),
+                    strength: float = typer.Option(1.0, "--strength"),
+                    mask_blur: int = typer.Option(4, "--mask-blur", help="Pixels of blur at the mask's edge."),
+                    only_masked: bool = typer.Option(False, "--only-masked", help="Work on a padded crop around "
+                                                     "the mask at full resolution, then paste it back."),
+                    padding: int = typer.Option(32, "--padding", help="--only-masked: pixels around the mask."),
+                    resize: bool = typer.Option(False, "--resize")):
+    """Repaint the masked part of an image; the rest stays as it was."""
+    return pipe.inpaint(image, mask, prompt, strength=strength, mask_blur=mask_blur, only_masked=only_masked,
+                        padding=padding, resize=resize, progress=progress, **options)
+
+
+@generation_command
+def outpaint_command(pipe, prompt, options, progress,
+                     image: Path = typer.Argument(..., help="The image to extend."),
+                     left: int = typer.Option(0, "--left"), right: int = typer.Option(0, "--right"),
+                     top: int = typer.Option(0, "--top"), bottom: int = typer.Option(0, "--bottom"),
+                     fill: str = typer.Option("edge", "--fill", help="Pre-fill of the new area: edge or noise."),
+                     mask_blur: int = typer.Option(4, "--mask-blur")):
+    """Extend an image past its borders (multiples of 8 pixels); its pixels stay as they were."""
+    return pipe.outpaint(image, prompt, left=left, right=right, top=top, bottom=bottom, fill=fill,
+                         mask_blur=mask_blur, progress=progress, **options)
 
 
 def _lora_option(text: str) -> tuple[Path, float]:

@@ -45,8 +45,9 @@ def _add_contrast(text_encoder, unet, vae, seed: int) -> None:
 
 
 def build_model(root: Path, family: str = "sd1", seed: int = 0, sample_size: int = 8, hidden: int = 32,
-                channels: tuple = (32, 64)) -> Path:
-    """Write a random-weight model to root (diffusers layout) and return root."""
+                channels: tuple = (32, 64), in_channels: int = 4) -> Path:
+    """Write a random-weight model to root (diffusers layout) and return root. in_channels: 9 for an
+    inpainting U-Net (latents, mask, masked-image latents), 5 for a depth2img one (latents, depth)."""
     import torch
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
@@ -58,7 +59,7 @@ def build_model(root: Path, family: str = "sd1", seed: int = 0, sample_size: int
         max_position_embeddings=77, projection_dim=hidden, bos_token_id=49406, eos_token_id=49407,
         pad_token_id=0 if sd2 else 49407, hidden_act="gelu" if sd2 else "quick_gelu")).eval()
     unet = UNet2DConditionModel(
-        sample_size=sample_size, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=channels,
+        sample_size=sample_size, in_channels=in_channels, out_channels=4, layers_per_block=1, block_out_channels=channels,
         down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
         cross_attention_dim=hidden, attention_head_dim=(2, 4) if sd2 else 8, use_linear_projection=sd2,
         norm_num_groups=8).eval()

@@ -64,3 +64,68 @@ def save_all(images: list[Image.Image], paths: list[Path]) -> None:
     finally:
         for tmp in temps:
             tmp.unlink(missing_ok=True)
+
+
+# -- images coming in ------------------------------------------------------------------------------
+def load_image(image, what: str = "image") -> Image.Image:
+    """A path, PIL image or (H, W, 3) uint8 array -> RGB, with its EXIF orientation applied (phone photos)."""
+    from PIL import ImageOps, UnidentifiedImageError
+
+    from ..errors import InvalidRequest
+
+    if isinstance(image, (str, Path)):
+        try:
+            with Image.open(Path(image).expanduser()) as opened:
+                image = ImageOps.exif_transpose(opened)
+                image.load()
+        except FileNotFoundError:
+            raise InvalidRequest(f"{what} file {str(image)!r} does not exist") from None
+        except (UnidentifiedImageError, OSError) as e:
+            raise InvalidRequest(f"{what} file {str(image)!r} is not a readable image ({e})") from None
+    elif isinstance(image, np.ndarray):
+        if image.dtype != np.uint8 or image.ndim not in (2, 3):
+            raise InvalidRequest(f"{what} array must be uint8 (H, W) or (H, W, C), got {image.dtype} {image.shape}")
+        image = Image.fromarray(image)
+    elif isinstance(image, Image.Image):
+        image = ImageOps.exif_transpose(image)
+    else:
+        raise InvalidRequest(f"{what} must be a file path, a PIL image or a uint8 array, got {type(image).__name__}")
+    return image
+
+
+def as_rgb(image: Image.Image) -> Image.Image:
+    """Explicit conversion: transparent pixels become white (not black), as image editors show them."""
+    if image.mode in ("RGBA", "LA", "P") and "A" in image.convert("RGBA").getbands():
+        rgba = image.convert("RGBA")
+        white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(white, rgba).convert("RGB")
+    return image.convert("RGB")
+
+
+def as_mask(image: Image.Image) -> Image.Image:
+    """White = repaint. An RGBA mask with transparency uses its alpha (strokes painted on a transparent layer);
+    anything else its luminance."""
+    if image.mode in ("RGBA", "LA"):
+        alpha = image.getchannel("A")
+        if alpha.getextrema() != (255, 255):
+            return alpha
+    return image.convert("L")
+
+
+def to_array(image: Image.Image) -> np.ndarray:
+    """RGB image -> (1, 3, H, W) float32 in [-1, 1], as diffusers' VaeImageProcessor.preprocess."""
+    x = np.asarray(image, dtype=np.float32) / 255.0  # (H, W, 3)
+    return (x.transpose(2, 0, 1)[None] * 2.0 - 1.0).astype(np.float32)
+
+
+def mask_array(mask: Image.Image) -> np.ndarray:
+    """L image -> (1, 1, H, W) float32 of 0 and 1 (binarized at 0.5, as diffusers' mask processor)."""
+    m = np.asarray(mask, dtype=np.float32) / 255.0
+    return (m >= 0.5).astype(np.float32)[None, None]
+
+
+def nearest_resize(x: np.ndarray, h: int, w: int) -> np.ndarray:
+    """(B, C, H, W) -> (B, C, h, w), torch.nn.functional.interpolate's default 'nearest' (floor of i * H / h)."""
+    rows = np.floor(np.arange(h) * (x.shape[2] / h)).astype(np.int64)
+    cols = np.floor(np.arange(w) * (x.shape[3] / w)).astype(np.int64)
+    return x[:, :, rows][:, :, :, cols]

@@ -21,6 +21,7 @@ from .engine import Engine, OrtEngine
 from .lora import Lora
 from .images import a1111_parameters, to_pil
 from .manifest import Manifest, load_manifest, read_json
+from .modes import ImageModes
 from .samplers import Sampler, SchedulerConfig, make_sampler
 from .text import TextEncoder, TextOptions
 from .tokenizer import ClipTokenizer
@@ -29,10 +30,10 @@ BACKENDS = ("auto", "onnxruntime")
 Progress = Callable[[int, int], None]
 
 
-class Pipeline:
+class Pipeline(ImageModes):
     def __init__(self, path: Path, manifest: Manifest, engines: dict[str, Engine], text: TextEncoder,
-                 scheduler_config: dict):
-        self.path, self.manifest, self.engines = path, manifest, engines
+                 scheduler_config: dict, threads: int | None = None):
+        self.path, self.manifest, self.engines, self.threads = path, manifest, engines, threads
         self.text, self.tokenizer, self.scheduler_config = text, text.tokenizer, scheduler_config
         self.loras: tuple[Lora, ...] = ()  # applied to the U-Net and text encoder engines now
         self.lora_dirs: list[Path] = []  # where <lora:name:w> prompt tags are looked up
@@ -55,7 +56,12 @@ class Pipeline:
         sched = read_json(sched_file) if sched_file.exists() else {}
         sched["prediction_type"] = manifest.prediction_type
         SchedulerConfig.from_dict(sched)  # refuse an unusable config at load, not at the first request
-        return cls(path, manifest, engines, TextEncoder(engines, tokenizer, table), sched)
+        return cls(path, manifest, engines, TextEncoder(engines, tokenizer, table), sched, threads)
+
+    def _open(self, component: str, rel: str) -> Engine:
+        engine = OrtEngine(self.path / rel, component, self.threads)
+        _check_io(self.manifest, {component: engine})
+        return engine
 
     def load_embedding(self, path: str | Path, trigger: str | None = None, allow_pickle: bool = False) -> str:
         """Load a textual-inversion embedding (A1111 .pt/.safetensors, diffusers learned_embeds); its trigger
@@ -92,22 +98,30 @@ class Pipeline:
         """(N, 77·k, D): prompts in A1111's syntax, each padded to the longest one's k chunks."""
         return _finite(self.text.encode(prompts, options), "text encoder")
 
-    def _denoise(self, x: np.ndarray, text: np.ndarray, sampler: Sampler, guidance: float, noise,
-                 start: int = 0, progress: Progress | None = None) -> np.ndarray:
-        """x: (B, 4, h, w) noised latents; text: (2B, 77, D) [uncond; cond] with guidance, else (B, 77, D)."""
+    def _denoise(self, x: np.ndarray, text: np.ndarray, job: "_Job", start: int = 0,
+                 progress: Progress | None = None, extra: np.ndarray | None = None, blend=None) -> np.ndarray:
+        """The loop. x: (B, 4, h, w) noised latents; text: (2B, 77·k, D) [uncond; cond] with guidance, else
+        (B, 77·k, D). extra: (B, C', h, w) channels the U-Net takes after the latents (inpainting models: mask
+        and masked-image latents; depth2img: depth). blend(x, i): what to keep after step i (inpainting with
+        an ordinary model puts the known region back)."""
+        sampler, guidance, noise = job.solver, job.guidance, job.noise
         cfg = guidance > 1.0  # diffusers' convention: scales <= 1 run the conditional branch alone
         unet, total = self.engines[names.UNET], len(sampler.timesteps)
         scalar_t = len(unet.inputs[names.TIMESTEP].shape) == 0  # optimum's graphs take one scalar timestep
         for i in range(start, total):
-            x_in = np.concatenate([x, x]) if cfg else x
+            x_in = sampler.scale_model_input(x, i)
+            if extra is not None:
+                x_in = np.concatenate([x_in, extra], axis=1)  # (B, 4 + C', h, w)
+            x_in = np.concatenate([x_in, x_in]) if cfg else x_in
             t = np.float32(sampler.timesteps[i]) if scalar_t else np.full(len(x_in), sampler.timesteps[i], np.float32)
-            eps = unet(**{names.SAMPLE: sampler.scale_model_input(x_in, i), names.TIMESTEP: t,
-                          names.ENCODER_HIDDEN_STATES: text})[names.OUT_SAMPLE]
+            eps = unet(**{names.SAMPLE: x_in, names.TIMESTEP: t, names.ENCODER_HIDDEN_STATES: text})[names.OUT_SAMPLE]
             eps = _finite(np.asarray(eps, np.float32), "U-Net", step=i)  # no copy when already fp32
             if cfg:
                 uncond, cond = np.split(eps, 2)
                 eps = uncond + np.float32(guidance) * (cond - uncond)
             x = sampler.step(eps, i, x, noise)
+            if blend is not None:
+                x = blend(x, i)
             if progress:
                 progress(i + 1 - start, total - start)
         return x
@@ -118,36 +132,62 @@ class Pipeline:
         return _finite(pixels.astype(np.float32), "VAE decoder")  # (B, 3, H, W) in [-1, 1]
 
     # -- modes ------------------------------------------------------------------------------------
-    def txt2img(self, prompt: str, negative_prompt: str = "", steps: int = 20, guidance: float = 7.5,
-                seed: int | None = None, sampler: str = "euler", height: int | None = None,
-                width: int | None = None, batch: int = 1, latents: np.ndarray | None = None,
-                progress: Progress | None = None, eta: float | None = None, clip_skip: int = 1,
-                emphasis: bool = True, truncate: bool = False, loras=None, watermark: bool | None = None) -> list:
-        """Generate `batch` images. Image i is drawn with seed+i. `sampler`: a name from `sdrt info` (sdrt's,
-        AUTOMATIC1111's label or the diffusers class); `eta`: DDIM's stochasticity. Prompts take A1111's
-        syntax ((word:1.3), [word], BREAK) unless `emphasis` is off, and run past 77 tokens in chunks unless
-        `truncate`; `clip_skip` counts as A1111 does. `loras`: [(file, weight)], added to the prompt's
-        `<lora:name:weight>` tags. `watermark`: the reference scripts' invisible watermark; None marks every
-        image large enough to carry it when the `watermark` extra is installed. Returns PIL images whose
-        `info["parameters"]` holds the settings in AUTOMATIC1111's format."""
+    def txt2img(self, prompt: str, *, latents: np.ndarray | None = None, progress: Progress | None = None,
+                **options) -> list:
+        """Generate images from a prompt. `latents`: the initial noise (B, 4, H/8, W/8), standard normal,
+        instead of the seed's. Options (every mode takes them):
+
+        negative_prompt="", steps=20, guidance=7.5 (<= 1 turns classifier-free guidance off), seed=None
+        (random; image i of a batch uses seed+i), sampler="euler" (sdrt's name, AUTOMATIC1111's label or the
+        diffusers class), eta=None (DDIM), height/width (the bundle's default size), batch=1, clip_skip=1
+        (A1111's numbering), emphasis=True (A1111's (word:1.3) syntax), truncate=False (diffusers' 77-token
+        cut instead of 75-token chunks), loras=[(file, weight)] (added to <lora:name:w> tags),
+        watermark=None (the reference scripts' invisible watermark when its extra is installed).
+
+        Returns PIL images whose `info["parameters"]` holds the settings in AUTOMATIC1111's format."""
+        job = self._job(prompt, **options)
+        self._require_unet(self.manifest.latent_channels, "text-to-image")
+        if latents is not None:
+            latents = request.check_latents(latents, job.latent_shape)
+        x = job.noise.standard_normal(job.latent_shape) if latents is None else latents
+        x = x * np.float32(job.solver.init_noise_sigma)  # (B, 4, H/8, W/8)
+        x = self._denoise(x, self._guided_text(job), job, progress=progress)
+        return self._images(self.decode(x), job, seeded=latents is None)
+
+    def _require_unet(self, channels: int, mode: str) -> None:
+        have = self.manifest.unet_in_channels
+        if have != channels:
+            kinds = {4: "text-to-image", 9: "inpainting", 5: "depth-guided (depth2img)"}
+            raise InvalidRequest(f"{mode} needs a U-Net with {channels} input channels; this bundle's has {have} "
+                                 f"({kinds.get(have, 'another kind of')} model): use a bundle exported from such a model")
+
+    def _job(self, prompt, negative_prompt="", steps=20, guidance=7.5, seed=None, sampler="euler", height=None,
+             width=None, batch=1, eta=None, clip_skip=1, emphasis=True, truncate=False, loras=None,
+             watermark=None) -> "_Job":
+        """Check the options every mode shares, apply the request's LoRAs, draw a seed when none is given."""
+        m = self.manifest
         text = self._text_options(clip_skip, emphasis, truncate)
         if watermark not in (None, True, False):
             raise InvalidRequest(f"watermark must be True, False or None (automatic), got {watermark!r}")
         if watermark:
             _watermark.require()
-        self.set_loras(self._request_loras(request.check_prompt(prompt), loras))
-        job = self._job(prompt, negative_prompt, steps, guidance, seed, sampler, height, width, batch, eta, text,
-                        _watermark.available() if watermark is None else watermark)
-        if self.manifest.unet_in_channels != self.manifest.latent_channels:
-            raise InvalidRequest(f"this bundle's U-Net takes {self.manifest.unet_in_channels} input channels, "
-                                 f"not {self.manifest.latent_channels}: it is not a text-to-image model")
-        if latents is not None:
-            latents = request.check_latents(latents, job.latent_shape)
-        solver = job.solver
-        x = job.noise.standard_normal(job.latent_shape) if latents is None else latents
-        x = x * np.float32(solver.init_noise_sigma)  # (B, 4, H/8, W/8)
-        x = self._denoise(x, self._guided_text(job), solver, job.guidance, job.noise, progress=progress)
-        return self._images(self.decode(x), job, solver, seeded=latents is None)
+        height = request.check_size(m.default_height if height is None else height, "height", m.vae_scale_factor)
+        width = request.check_size(m.default_width if width is None else width, "width", m.vae_scale_factor)
+        batch = request.check_int(batch, "batch", 1, request.MAX_BATCH)
+        seed = request.check_seed(seed)
+        seed = request.draw_seed() if seed is None else seed
+        steps = request.check_int(steps, "steps", 1, self.scheduler_config.get("num_train_timesteps", 1000))
+        job = _Job(
+            prompt=request.check_prompt(prompt),
+            negative_prompt=request.check_prompt(negative_prompt, "negative prompt"),
+            steps=steps, guidance=request.check_guidance(guidance),
+            solver=make_sampler(sampler, self.scheduler_config, steps, eta), seed=seed, text=text,
+            watermark=_watermark.available() if watermark is None else watermark,
+            height=height, width=width, batch=batch,
+            latent_shape=(batch, m.latent_channels, height // m.vae_scale_factor, width // m.vae_scale_factor),
+            noise=request.BatchNoise([seed + i for i in range(batch)]))
+        self.set_loras(self._request_loras(job.prompt, loras))
+        return job
 
     def _text_options(self, clip_skip, emphasis, truncate) -> TextOptions:
         for value, what in ((emphasis, "emphasis"), (truncate, "truncate")):
@@ -155,34 +195,19 @@ class Pipeline:
                 raise InvalidRequest(f"{what} must be True or False, got {value!r}")
         return TextOptions(emphasis, truncate, request.check_int(clip_skip, "clip skip", 1, self.text.layers))
 
-    def _job(self, prompt, negative_prompt, steps, guidance, seed, sampler, height, width, batch, eta,
-             text: TextOptions, watermark: bool = False) -> "_Job":
-        """Check the options every mode shares; draw a seed when none is given."""
-        m = self.manifest
-        height = request.check_size(m.default_height if height is None else height, "height", m.vae_scale_factor)
-        width = request.check_size(m.default_width if width is None else width, "width", m.vae_scale_factor)
-        batch = request.check_int(batch, "batch", 1, request.MAX_BATCH)
-        seed = request.check_seed(seed)
-        seed = request.draw_seed() if seed is None else seed
-        steps = request.check_int(steps, "steps", 1, self.scheduler_config.get("num_train_timesteps", 1000))
-        return _Job(
-            prompt=request.check_prompt(prompt),
-            negative_prompt=request.check_prompt(negative_prompt, "negative prompt"),
-            steps=steps, guidance=request.check_guidance(guidance),
-            solver=make_sampler(sampler, self.scheduler_config, steps, eta), seed=seed, text=text, watermark=watermark,
-            height=height, width=width, batch=batch,
-            latent_shape=(batch, m.latent_channels, height // m.vae_scale_factor, width // m.vae_scale_factor),
-            noise=request.BatchNoise([seed + i for i in range(batch)]))
-
     def _guided_text(self, job: "_Job") -> np.ndarray:
         if job.guidance <= 1.0:
             return np.repeat(self.encode_prompt([job.prompt], job.text), job.batch, axis=0)  # (B, 77·k, D)
         uncond, cond = np.split(self.encode_prompt([job.negative_prompt, job.prompt], job.text), 2)
         return np.concatenate([np.repeat(uncond, job.batch, axis=0), np.repeat(cond, job.batch, axis=0)])  # (2B, 77, D)
 
-    def _images(self, decoded: np.ndarray, job: "_Job", solver: Sampler, seeded: bool, **extra) -> list:
-        """PIL images with their AUTOMATIC1111 parameters. `seeded`: the initial noise came from the seed."""
+    def _images(self, decoded, job: "_Job", seeded: bool = True, paste=None, **extra) -> list:
+        """PIL images with their AUTOMATIC1111 parameters. `seeded`: the initial noise came from the seed.
+        `paste(images) -> images` puts kept pixels back (inpainting) before the watermark goes on."""
+        solver = job.solver
         images = to_pil(decoded)
+        if paste is not None:
+            images = paste(images)
         payload = _watermark.payload_for(self.manifest.text_hidden_size)
         marked = [job.watermark and _watermark.fits(image, payload) for image in images]
         if any(marked):
