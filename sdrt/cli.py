@@ -249,6 +249,17 @@ def _lora_option(text: str) -> tuple[Path, float]:
         return Path(text), 1.0
 
 
+@generation_command
+def depth2img_command(pipe, prompt, options, progress,
+                      image: Path = typer.Argument(..., help="The image whose depth layout to keep."),
+                      depth: Optional[Path] = typer.Option(None, "--depth", help="Depth map (16-bit PNG, PNG or "
+                                                           ".npy); estimated by the bundle's DPT if omitted."),
+                      strength: float = typer.Option(0.8, "--strength"),
+                      resize: bool = typer.Option(False, "--resize")):
+    """Generate under the prompt while keeping an image's depth layout (SD 2 depth models)."""
+    return pipe.depth2img(image, prompt, depth=depth, strength=strength, resize=resize, progress=progress, **options)
+
+
 @app.command()
 @handle_errors
 def info(bundle: Path = typer.Argument(..., help="A bundle folder."),

@@ -214,3 +214,123 @@ def test_cli_modes_write_pngs_with_their_parameters(bundles, tmp_path, capsys):
     err = capsys.readouterr().err
     assert e.value.code == 2 and err.startswith("error: strength must be a number in (0, 1], got 2.0") and err.count("\n") == 1
     assert not (tmp_path / "bad.png").exists()
+
+
+def _add_depth_estimator(root) -> None:
+    """A tiny DPT (the SD 2 depth layout's depth_estimator + feature_extractor), its head scaled so that its
+    random-weight depth is not all zeros."""
+    import json
+
+    from transformers import DPTConfig, DPTForDepthEstimation, DPTImageProcessor
+
+    torch.manual_seed(7)
+    dpt = DPTForDepthEstimation(DPTConfig(
+        hidden_size=32, num_hidden_layers=4, num_attention_heads=2, intermediate_size=64, image_size=384,
+        patch_size=32, backbone_out_indices=[0, 1, 2, 3], neck_hidden_sizes=[8, 16, 32, 32], fusion_hidden_size=16,
+        head_in_index=-1)).eval()
+    with torch.no_grad():
+        for p in dpt.head.parameters():
+            p.mul_(8.0)
+        dpt.head.head[-2].bias.fill_(1.0)  # the last conv before the ReLU: keep its output positive
+    dpt.save_pretrained(root / "depth_estimator")
+    DPTImageProcessor(size={"height": 384, "width": 384}, image_mean=[0.5] * 3, image_std=[0.5] * 3,
+                      keep_aspect_ratio=False).save_pretrained(root / "feature_extractor")
+    index = json.loads((root / "model_index.json").read_text())
+    index |= {"_class_name": "StableDiffusionDepth2ImgPipeline", "depth_estimator": ["transformers", "DPTForDepthEstimation"],
+              "feature_extractor": ["transformers", "DPTImageProcessor"]}
+    index.pop("safety_checker"), index.pop("requires_safety_checker")
+    (root / "model_index.json").write_text(json.dumps(index))
+
+
+@pytest.fixture(scope="module")
+def depth(tmp_path_factory):
+    """An SD 2-style depth model (5-channel U-Net) with a depth estimator, its bundle and diffusers' pipeline."""
+    import sdrt
+    from diffusers import StableDiffusionDepth2ImgPipeline
+
+    from sdrt.export import export_bundle
+
+    root = tmp_path_factory.mktemp("depth")
+    src = build_model(root / "src", "sd2", seed=5, in_channels=5)
+    _add_depth_estimator(src)
+    export_bundle(src, root / "bundle", log=lambda *_: None)
+    ref = StableDiffusionDepth2ImgPipeline.from_pretrained(src)
+    ref.set_progress_bar_config(disable=True)
+    return sdrt.Pipeline.load(root / "bundle"), ref
+
+
+def depth_map(shape=(48, 40)) -> np.ndarray:
+    y, x = np.mgrid[0:shape[0], 0:shape[1]]
+    return (1.0 + x / shape[1] + 0.5 * np.sin(y / 6.0)).astype(np.float32)
+
+
+@pytest.mark.parametrize("as_file", [None, "npy", "png16"])
+def test_depth2img_matches_diffusers_with_the_same_depth_map(monkeypatch, depth, tmp_path, as_file):
+    pipe, ref = depth
+    d = depth_map()
+    given = d
+    if as_file == "npy":
+        np.save(tmp_path / "d.npy", d)
+        given = tmp_path / "d.npy"
+    elif as_file == "png16":  # 16-bit PNG: quantize first, so both sides see the same values
+        d = np.round((d - d.min()) / (d.max() - d.min()) * 65535).astype(np.uint16)
+        Image.fromarray(d).save(tmp_path / "d.png")
+        given, d = tmp_path / "d.png", d.astype(np.float32)
+    draws = Draws(monkeypatch)
+    got = pixels(pipe.depth2img(photo(), "a room", depth=given, steps=10, seed=3))
+    use_scheduler(ref, "euler")
+    draws.replay({VAE_MODULE: [0], "diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion_depth2img": [1]})
+    want = ref("a room", image=photo(), depth_map=torch.from_numpy(d)[None], strength=0.8, num_inference_steps=10,
+               output_type="np").images
+    assert np.abs(got - (want * 255).round() / 255).max() <= TOLERANCE
+
+
+def test_depth_is_estimated_by_the_exported_dpt_when_not_given(depth):
+    """Same preprocessing as diffusers' feature extractor, same DPT: the same depth."""
+    pipe, ref = depth
+    ours = pipe.estimate_depth(photo())
+    with torch.no_grad():
+        inputs = ref.feature_extractor(images=[photo()], return_tensors="pt").pixel_values
+        want = ref.depth_estimator(inputs).predicted_depth[0].numpy()
+    assert ours.shape == want.shape and ours.std() > 0
+    assert np.abs(ours - want).max() <= 1e-3 * np.abs(want).max()
+    out = pipe.depth2img(photo(), "a room", steps=3, seed=1)[0]
+    assert out.size == (64, 64) and "Depth: estimated" in out.info["parameters"]
+
+
+def test_depth2img_refusals(pipes, depth, tmp_path):
+    pipe = depth[0]
+    cases = [
+        (lambda: pipes["sd1"].depth2img(photo(), "x", depth=depth_map()), "depth2img needs a U-Net with 5 input"),
+        (lambda: pipe.depth2img(photo(), "x", depth=np.ones((8, 8))), "depth map is flat"),
+        (lambda: pipe.depth2img(photo(), "x", depth=np.ones((2, 8, 8))), "depth map must be 2-D"),
+        (lambda: pipe.depth2img(photo(), "x", depth=tmp_path / "none.npy"), "does not exist"),
+        (lambda: pipe.txt2img("x"), "text-to-image needs a U-Net with 4 input channels; this bundle's has 5"),
+    ]
+    for call, message in cases:
+        with pytest.raises(InvalidRequest) as e:
+            call()
+        assert message in str(e.value)
+
+
+def test_a_v_prediction_model_exported_at_768_generates_at_768(tmp_path):
+    """SD 2.x-768: the U-Net's sample_size 96 makes 768x768 the bundle's default, and images match diffusers."""
+    import json
+
+    import sdrt
+    from diffusers import StableDiffusionPipeline
+
+    from sdrt.export import export_bundle
+
+    src = build_model(tmp_path / "src", "sd2", seed=6, sample_size=96)
+    export_bundle(src, tmp_path / "b", log=lambda *_: None)
+    m = json.loads((tmp_path / "b" / "sdrt.json").read_text())
+    assert (m["default_height"], m["default_width"], m["prediction_type"]) == (768, 768, "v_prediction")
+    lat = np.random.default_rng(0).standard_normal((1, 4, 96, 96)).astype(np.float32)
+    got = pixels(sdrt.Pipeline.load(tmp_path / "b").txt2img("a red circle", steps=3, latents=lat, watermark=False))
+    assert got.shape == (1, 768, 768, 3)
+    ref = StableDiffusionPipeline.from_pretrained(src, safety_checker=None, requires_safety_checker=False)
+    ref.set_progress_bar_config(disable=True)
+    use_scheduler(ref, "euler")
+    want = ref("a red circle", num_inference_steps=3, latents=torch.from_numpy(lat), output_type="np").images
+    assert np.abs(got - (want * 255).round() / 255).max() <= TOLERANCE

@@ -94,6 +94,8 @@ def _copy_configs(source: Source, tmp: Path, tokenizer: ClipTokenizer) -> None:
     shutil.copy(src / "unet" / "config.json", tmp / names.UNET / "config.json")
     for comp in (names.VAE_DECODER, names.VAE_ENCODER):
         shutil.copy(src / "vae" / "config.json", tmp / comp / "config.json")
+    if (tmp / names.DEPTH_ESTIMATOR).is_dir():
+        shutil.copy(src / "depth_estimator" / "config.json", tmp / names.DEPTH_ESTIMATOR / "config.json")
     (tmp / "scheduler").mkdir()
     shutil.copy(src / "scheduler" / "scheduler_config.json", tmp / "scheduler" / "scheduler_config.json")
     tok_dir = tmp / "tokenizer"
@@ -105,7 +107,7 @@ def _copy_configs(source: Source, tmp: Path, tokenizer: ClipTokenizer) -> None:
     scheduler_class = source.model_index.get("scheduler", [None, "PNDMScheduler"])[1]
     _write_json(tmp / "model_index.json", {
         "_class_name": "OnnxStableDiffusionPipeline", "_sdrt_version": __version__,
-        **{c: ["diffusers", "OnnxRuntimeModel"] for c in names.COMPONENTS},
+        **{c: ["diffusers", "OnnxRuntimeModel"] for c in names.COMPONENTS if (tmp / c).is_dir()},
         "tokenizer": ["transformers", "CLIPTokenizer"], "scheduler": ["diffusers", scheduler_class],
         "safety_checker": [None, None], "feature_extractor": [None, None], "requires_safety_checker": False})
 

@@ -29,6 +29,7 @@ class Source:
     scheduler_config: dict
     hash: str
     workdir: object = None  # a single-file checkpoint's temporary config folder (tempfile.TemporaryDirectory)
+    depth_estimator: object = None  # transformers.DPTForDepthEstimation, when a depth2img folder carries one
 
     def close(self) -> None:
         """Remove what loading made on disk (a single file's config folder); the modules stay usable."""
@@ -117,4 +118,21 @@ def load_source(src: Path, allow_pickle: bool = False, family: str | None = None
     if not sched_file.is_file():
         raise NotAModelFolder(f"{str(sched_file)!r} is missing")
     return Source(src, index, modules["text_encoder"], modules["unet"], modules["vae"],
-                  json.loads(sched_file.read_text(encoding="utf-8")), source_hash(src))
+                  json.loads(sched_file.read_text(encoding="utf-8")), source_hash(src),
+                  depth_estimator=_depth_estimator(src, allow_pickle))
+
+
+def _depth_estimator(src: Path, allow_pickle: bool):
+    """diffusers' depth2img layout: depth_estimator/ (DPTForDepthEstimation) beside the U-Net."""
+    folder = src / "depth_estimator"
+    if not (folder / "config.json").is_file():
+        return None
+    from transformers import DPTForDepthEstimation
+
+    kwargs = {k: v for k, v in _weight_format(folder, allow_pickle).items() if v is not None}
+    try:
+        model = DPTForDepthEstimation.from_pretrained(folder, **kwargs).eval()
+    except Exception as e:  # noqa: BLE001
+        raise SourceError(f"could not load depth_estimator from {str(folder)!r}: {str(e).splitlines()[0][:300]}") from None
+    _check_finite("depth_estimator", model)
+    return model

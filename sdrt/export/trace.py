@@ -72,14 +72,22 @@ def _wrappers():
             h = self.m.encoder(sample)
             return self.m.quant_conv(h) if self.m.quant_conv is not None else h
 
-    return TextEncoder, UNet, VaeDecoder, VaeEncoder
+    class DepthEstimator(torch.nn.Module):
+        def __init__(self, m):
+            super().__init__()
+            self.m = m
+
+        def forward(self, pixel_values):
+            return self.m(pixel_values=pixel_values).predicted_depth
+
+    return TextEncoder, UNet, VaeDecoder, VaeEncoder, DepthEstimator
 
 
 def components(source) -> dict:
     """name -> (torch module, example inputs, input names, output names, dynamic axes)."""
     import torch
 
-    TextEncoder, UNet, VaeDecoder, VaeEncoder = _wrappers()
+    TextEncoder, UNet, VaeDecoder, VaeEncoder, DepthEstimator = _wrappers()
     unet, vae, te = source.unet, source.vae, source.text_encoder
     ups = 2 ** (len(unet.config.block_out_channels) - 1)
     h, w = 2 * ups + 1, 3 * ups + 1  # latent trace size: odd on purpose, see module docstring
@@ -90,7 +98,7 @@ def components(source) -> dict:
     embeds = te.get_input_embeddings()(ids)  # (2, T, D)
     bhw = {0: "batch", 2: "height", 3: "width"}
     latent_ch, in_ch = vae.config.latent_channels, unet.config.in_channels
-    return {
+    out = {
         names.TEXT_ENCODER: (TextEncoder(te), (embeds,), [names.INPUTS_EMBEDS],
                              [names.LAST_HIDDEN_STATE, names.HIDDEN_STATES],
                              {names.INPUTS_EMBEDS: {0: "batch"}, names.LAST_HIDDEN_STATE: {0: "batch"},
@@ -106,6 +114,12 @@ def components(source) -> dict:
         names.VAE_ENCODER: (VaeEncoder(vae), (torch.randn(2, 3, h * scale, w * scale, generator=g),), [names.SAMPLE],
                             [names.LATENT_PARAMETERS], {names.SAMPLE: bhw, names.LATENT_PARAMETERS: bhw}),
     }
+    if source.depth_estimator is not None:  # DPT at its fixed 384x384 input
+        out[names.DEPTH_ESTIMATOR] = (DepthEstimator(source.depth_estimator),
+                                      (torch.randn(2, 3, 384, 384, generator=g),), [names.PIXEL_VALUES],
+                                      [names.PREDICTED_DEPTH], {names.PIXEL_VALUES: {0: "batch"},
+                                                                names.PREDICTED_DEPTH: {0: "batch"}})
+    return out
 
 
 def export_onnx(module, inputs, input_names, output_names, dynamic_axes, out_dir: Path,

@@ -39,6 +39,8 @@ def check_inputs(source, component: str, height: int, width: int, ids: np.ndarra
                     (1, 2 * te.max_position_embeddings, unet.cross_attention_dim), dtype=np.float32)}
     if component == names.VAE_DECODER:
         return {names.LATENT_SAMPLE: rng.standard_normal((1, vae.latent_channels, h, w), dtype=np.float32)}
+    if component == names.DEPTH_ESTIMATOR:
+        return {names.PIXEL_VALUES: rng.uniform(-1, 1, (1, 3, 384, 384)).astype(np.float32)}
     return {names.SAMPLE: rng.uniform(-1, 1, (1, 3, height, width)).astype(np.float32)}
 
 

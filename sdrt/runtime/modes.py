@@ -1,7 +1,8 @@
-"""Image-conditioned generation: img2img, inpainting, outpainting. Each is a short path into the same loop
+"""Image-conditioned generation: img2img, inpainting, outpainting, depth2img. Each is a short path into the same loop
 (`Pipeline._denoise`): it prepares the starting latents, any extra U-Net channels, and what to keep.
 
-References: diffusers' StableDiffusionImg2ImgPipeline and StableDiffusionInpaintPipeline (the arithmetic and
+References: diffusers' StableDiffusionImg2ImgPipeline, StableDiffusionInpaintPipeline and
+StableDiffusionDepth2ImgPipeline (the arithmetic and
 the order of random draws: image latents, noise, masked-image latents), AUTOMATIC1111's img2img for mask
 blur, "only masked" and the final paste that leaves unmasked pixels untouched.
 """
@@ -13,6 +14,7 @@ from PIL import Image, ImageFilter
 from ..errors import InvalidRequest
 from . import images as im
 from . import names
+from .depth import depth_condition, dpt_pixels, load_depth
 
 FILLS = ("edge", "noise")
 
@@ -72,6 +74,31 @@ class ImageModes:
                                           np.asarray(hard)))  # the blur may soften the seam, never the original
         return self._images(decoded, job, paste=lambda out: [Image.composite(g, canvas, keep) for g in out],
                             **{"Outpaint": ", ".join(f"{k} {v}" for k, v in sides.items() if v)})
+
+    def depth2img(self, image, prompt: str, depth=None, strength: float = 0.8, resize: bool = False,
+                  progress=None, **options):
+        """img2img that keeps `image`'s depth layout, for depth models (5-channel U-Net: latents + depth).
+        `depth`: a map of any size (16-bit PNG, PNG, .npy or array; larger = farther or nearer, only the
+        order matters after scaling to [-1, 1]); None estimates it with the bundle's depth estimator."""
+        img, _, options = self._sized(im.as_rgb(im.load_image(image)), None, options, resize)
+        job = self._job(prompt, **options)
+        self._require_unet(self.manifest.latent_channels + 1, "depth2img")
+        source = "given" if depth is not None else "estimated"
+        d = load_depth(depth) if depth is not None else self.estimate_depth(img)
+        cond = np.repeat(depth_condition(d, *job.latent_shape[2:]), job.batch, axis=0)  # (B, 1, h, w)
+        start = self._start(job, strength)
+        x0 = self.encode_image(im.to_array(img), job)
+        x = job.solver.add_noise(x0, job.noise.standard_normal(job.latent_shape), start)
+        x = self._denoise(x, self._guided_text(job), job, start, progress, extra=cond)
+        return self._images(self.decode(x), job, **{"Denoising strength": strength, "Depth": source})
+
+    def estimate_depth(self, image: Image.Image) -> np.ndarray:
+        """(H', W') relative depth from the bundle's DPT depth estimator (its 384x384 input)."""
+        if names.DEPTH_ESTIMATOR not in self.manifest.graphs:
+            raise InvalidRequest("this bundle has no depth estimator (its source folder had none): pass a depth "
+                                 "map (depth=... / --depth FILE)")
+        out = self._engine(names.DEPTH_ESTIMATOR)(**{names.PIXEL_VALUES: dpt_pixels(image)})
+        return out[names.PREDICTED_DEPTH][0].astype(np.float32)
 
     # -- shared pieces ------------------------------------------------------------------------------
     def encode_image(self, pixels: np.ndarray, job) -> np.ndarray:

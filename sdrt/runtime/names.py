@@ -5,7 +5,8 @@ TEXT_ENCODER = "text_encoder"
 UNET = "unet"
 VAE_DECODER = "vae_decoder"
 VAE_ENCODER = "vae_encoder"
-COMPONENTS = (TEXT_ENCODER, UNET, VAE_DECODER, VAE_ENCODER)
+DEPTH_ESTIMATOR = "depth_estimator"  # only for depth2img models whose source folder carries one (DPT)
+COMPONENTS = (TEXT_ENCODER, UNET, VAE_DECODER, VAE_ENCODER, DEPTH_ESTIMATOR)
 REQUIRED_COMPONENTS = (TEXT_ENCODER, UNET, VAE_DECODER)
 
 # text_encoder, as sdrt exports it: inputs_embeds (B, T, D) token embeddings (looked up by the runtime, so
@@ -29,6 +30,10 @@ OUT_SAMPLE = "out_sample"
 LATENT_SAMPLE = "latent_sample"
 # vae_encoder: sample (B, 3, H, W) -> latent_parameters (B, 8, H/8, W/8): mean and log-variance, channel-stacked
 LATENT_PARAMETERS = "latent_parameters"
+
+# depth_estimator: pixel_values (B, 3, 384, 384) -> predicted_depth (B, H', W')
+PIXEL_VALUES = "pixel_values"
+PREDICTED_DEPTH = "predicted_depth"
 
 MODEL_FILE = "model.onnx"
 EXTERNAL_DATA_FILE = "model.onnx_data"
