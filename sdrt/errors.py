@@ -85,3 +85,26 @@ class NonFiniteOutput(EngineError):
 
 class MissingDependency(SdrtError):
     exit_code = 7
+
+
+# -- the GPU path (TensorRT engines, CUDA) --------------------------------------------------------------------
+class BuildFailed(SdrtError):
+    """TensorRT could not build an engine; nothing was stored for it."""
+
+    exit_code = 5
+
+
+class EngineNotBuilt(EngineError):
+    """No engine in the store for this bundle, GPU, TensorRT version and shape: `sdrt build` makes one."""
+
+
+class StaleEngine(EngineNotBuilt):
+    """An engine whose manifest names another GPU, TensorRT version or bundle, or whose plan hash is wrong."""
+
+
+class DeviceError(EngineError):
+    """CUDA or TensorRT failed while running (the message names the call and CUDA's error)."""
+
+
+class DeviceOutOfMemory(DeviceError):
+    """The GPU has too little free memory; the message gives free and total and what to reduce."""

@@ -13,13 +13,12 @@ import numpy as np
 
 from .. import __version__
 from ..errors import BundleCorrupt, InvalidRequest, NonFiniteOutput
-from . import names, request
-from . import lora
+from . import lora, names, request
 from . import watermark as _watermark
 from .embeddings import load_embedding
 from .engine import Engine, OrtEngine
-from .lora import Lora
 from .images import a1111_parameters, to_pil
+from .lora import Lora
 from .manifest import Manifest, load_manifest, read_json
 from .modes import ImageModes
 from .samplers import Sampler, SchedulerConfig, make_sampler
@@ -77,7 +76,7 @@ class Pipeline(ImageModes):
     def set_loras(self, loras) -> None:
         """Apply LoRAs [(file, weight), ...] to the U-Net and text encoder (several at once add up); an empty
         list restores the base weights exactly. Only graphs whose weights change are reopened."""
-        wanted = tuple(Lora(Path(p).expanduser(), _lora_weight(w, p)) for p, w in loras)
+        wanted = tuple(_lora_item(item) for item in loras)
         if wanted == self.loras:
             return
         patches = lora.overrides(self.path, list(wanted))
@@ -252,10 +251,12 @@ class _Job:
     noise: request.BatchNoise
 
 
-def _lora_weight(weight, path) -> float:
+def _lora_item(item) -> Lora:
+    """A file (weight 1) or (file, weight)."""
+    path, weight = (item, 1.0) if isinstance(item, (str, Path)) else (tuple(item) + (None,))[:2]
     if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not np.isfinite(weight):
         raise InvalidRequest(f"LoRA {str(path)!r} has weight {weight!r}; give a finite number such as 0.8")
-    return float(weight)
+    return Lora(Path(path).expanduser(), float(weight))
 
 
 def _token_embeddings(path: Path, manifest: Manifest) -> np.ndarray:
