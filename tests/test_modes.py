@@ -181,7 +181,7 @@ def test_bad_image_requests_say_what_to_do(pipes, inpainting, tmp_path):
         (lambda: pipe.inpaint(photo(), Image.new("L", (64, 64)), "x", only_masked=True), "the mask is empty"),
         (lambda: pipe.img2img(tmp_path / "none.png", "x"), "image file"),
         (lambda: inpainting[0].img2img(photo(), "x"), "img2img needs a U-Net with 4 input channels; this bundle's "
-                                                      "has 9 (a inpainting model)"),
+                                                      "has 9 (an inpainting model)"),
         (lambda: inpainting[0].txt2img("x"), "text-to-image needs a U-Net with 4 input channels"),
     ]
     for call, message in cases:

@@ -156,7 +156,7 @@ class Pipeline(ImageModes):
     def _require_unet(self, channels: int, mode: str) -> None:
         have = self.manifest.unet_in_channels
         if have != channels:
-            kinds = {4: "text-to-image", 9: "inpainting", 5: "depth-guided (depth2img)"}
+            kinds = {4: "a text-to-image", 9: "an inpainting", 5: "a depth-guided (depth2img)"}
             raise InvalidRequest(f"{mode} needs a U-Net with {channels} input channels; this bundle's has {have} "
                                  f"({kinds.get(have, 'another kind of')} model): use a bundle exported from such a model")
 
