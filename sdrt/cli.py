@@ -144,6 +144,9 @@ _SHARED = [
     ("allow_pickle", bool, typer.Option(False, "--allow-pickle", help="Allow .pt/.bin embeddings (pickles run code).")),
     ("lora", list[str], typer.Option([], "--lora", help="LoRA .safetensors as FILE or FILE:WEIGHT (repeatable).")),
     ("lora_dir", list[Path], typer.Option([], "--lora-dir", help="Where <lora:name:weight> prompt tags are found.")),
+    ("backend", str, typer.Option("auto", "--backend", help="auto (TensorRT when engines for this GPU exist, "
+                                  "else ONNX Runtime), tensorrt or onnxruntime.")),
+    ("engines", Path, typer.Option(Path("engines"), "--engines", help="Where `sdrt build` put the engines.")),
     ("no_watermark", bool, typer.Option(False, "--no-watermark", help="Skip the invisible watermark (sdrt info).")),
 ]
 
@@ -180,7 +183,7 @@ def _generate(fn, s: dict, own: dict) -> None:
         _fail(f"--out {str(s['out'])!r} must end in .png", 2)
     make_sampler(s["sampler"], {}, 1, s["eta"])  # so do an unknown sampler and an eta it can't take
     loras = [_lora_option(text) for text in s["lora"]]
-    pipe = Pipeline.load(s["model"])
+    pipe = Pipeline.load(s["model"], backend=s["backend"], engines=s["engines"])
     pipe.lora_dirs = list(s["lora_dir"])
     for path in s["embedding"]:
         typer.echo(f"embedding {pipe.load_embedding(path, allow_pickle=s['allow_pickle'])!r} from {path}")
@@ -287,6 +290,44 @@ def info(bundle: Path = typer.Argument(..., help="A bundle folder."),
                                   else "off: install it with pip install 'sdrt[watermark]'"))
     if m.versions:
         typer.echo("exported by  " + ", ".join(f"{k} {v}" for k, v in m.versions.items()))
+
+
+@app.command()
+@handle_errors
+def build(
+    bundle: Path = typer.Argument(..., help="A bundle folder (from `sdrt export`)."),
+    size: list[int] = typer.Option([], "--size", help="Square image size to build for (repeatable); default: the "
+                                   "bundle's own (512 for SD 1.x, 768 for SD 2.x v-prediction)."),
+    height: Optional[int] = typer.Option(None, "--height", help="With --width: a non-square size."),
+    width: Optional[int] = typer.Option(None, "--width"),
+    batch: int = typer.Option(1, "--batch", help="Images per request (the U-Net engine runs twice that)."),
+    precision: str = typer.Option("fp16", "--precision", help="fp16 or fp32."),
+    engines: Path = typer.Option(Path("engines"), "--engines", help="The engine store folder."),
+    workspace: Optional[float] = typer.Option(None, "--workspace", help="TensorRT workspace limit in GiB."),
+    chunks: int = typer.Option(1, "--chunks", help="Longest prompt the engines take, in 77-token chunks."),
+):
+    """Build TensorRT engines of a bundle for this GPU (needs an NVIDIA GPU, TensorRT and cuda-python)."""
+    from .export.build import build_engines
+
+    sizes = [(s, s) for s in size]
+    if (height is None) != (width is None):
+        _fail("give --height and --width together", 2)
+    if height is not None:
+        sizes.append((height, width))
+    built = build_engines(bundle, sizes or None, batch, precision, engines, workspace,
+                          log=lambda m: typer.echo(m, err=True), chunks=chunks)
+    for m in built:
+        typer.echo(f"{m['key']}  ({m['precision']}, {m['plan']['bytes'] / 2**20:.0f} MiB)")
+
+
+@app.command()
+@handle_errors
+def doctor(as_json: bool = typer.Option(False, "--json", help="Print the report as JSON.")):
+    """What this machine can run: GPU, driver, CUDA, TensorRT, ONNX Runtime, and what to install."""
+    from .doctor import doctor as run_doctor
+
+    report, text = run_doctor()
+    typer.echo(json.dumps(report, indent=2) if as_json else text)
 
 
 def main(argv: list[str] | None = None) -> None:

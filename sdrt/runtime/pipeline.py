@@ -24,8 +24,8 @@ from .modes import ImageModes
 from .samplers import Sampler, SchedulerConfig, make_sampler
 from .text import TextEncoder, TextOptions
 from .tokenizer import ClipTokenizer
+from .trt_backend import BACKENDS, choose_backend, load_tensorrt_engines
 
-BACKENDS = ("auto", "onnxruntime")
 Progress = Callable[[int, int], None]
 
 
@@ -33,21 +33,29 @@ class Pipeline(ImageModes):
     def __init__(self, path: Path, manifest: Manifest, engines: dict[str, Engine], text: TextEncoder,
                  scheduler_config: dict, threads: int | None = None):
         self.path, self.manifest, self.engines, self.threads = path, manifest, engines, threads
+        self.backend, self.trt_session = "onnxruntime", None
         self.text, self.tokenizer, self.scheduler_config = text, text.tokenizer, scheduler_config
         self.loras: tuple[Lora, ...] = ()  # applied to the U-Net and text encoder engines now
         self.lora_dirs: list[Path] = []  # where <lora:name:w> prompt tags are looked up
         self._patched: set[str] = set()  # components whose engines run on patched weights
 
     @classmethod
-    def load(cls, path: str | Path, backend: str = "auto", threads: int | None = None) -> "Pipeline":
-        """Validate the bundle's manifest and hashes, then open its graphs."""
+    def load(cls, path: str | Path, backend: str = "auto", threads: int | None = None,
+             engines: str | Path | None = None) -> "Pipeline":
+        """Validate the bundle's manifest and hashes, then open its graphs. backend: "onnxruntime" (the CPU),
+        "tensorrt" (the engines `sdrt build` made for this GPU, in `engines`, default ./engines) or "auto"
+        (TensorRT when engines for this GPU exist there, else ONNX Runtime)."""
         if backend not in BACKENDS:
             raise InvalidRequest(f"backend {backend!r} is not one of {', '.join(BACKENDS)}")
         path = Path(path).expanduser()
         manifest = load_manifest(path)
-        engines = {comp: OrtEngine(path / g.path, comp, threads) for comp, g in manifest.graphs.items()
-                   if comp in names.REQUIRED_COMPONENTS}
-        _check_io(manifest, engines)
+        backend, session = choose_backend(backend, path, manifest, engines), None
+        if backend == "tensorrt":
+            opened, session = load_tensorrt_engines(path, manifest, engines)
+        else:
+            opened = {comp: OrtEngine(path / g.path, comp, threads) for comp, g in manifest.graphs.items()
+                      if comp in names.REQUIRED_COMPONENTS}
+        _check_io(manifest, opened)
         tokenizer = ClipTokenizer.from_folder(path / "tokenizer", manifest.tokenizer_max_length,
                                               manifest.tokenizer_pad_id)
         table = _token_embeddings(path, manifest) if manifest.token_embeddings else None
@@ -55,7 +63,9 @@ class Pipeline(ImageModes):
         sched = read_json(sched_file) if sched_file.exists() else {}
         sched["prediction_type"] = manifest.prediction_type
         SchedulerConfig.from_dict(sched)  # refuse an unusable config at load, not at the first request
-        return cls(path, manifest, engines, TextEncoder(engines, tokenizer, table), sched, threads)
+        pipe = cls(path, manifest, opened, TextEncoder(opened, tokenizer, table), sched, threads)
+        pipe.backend, pipe.trt_session = backend, session  # the session owns the engines' device memory
+        return pipe
 
     def _open(self, component: str, rel: str) -> Engine:
         engine = OrtEngine(self.path / rel, component, self.threads)
@@ -76,6 +86,9 @@ class Pipeline(ImageModes):
     def set_loras(self, loras) -> None:
         """Apply LoRAs [(file, weight), ...] to the U-Net and text encoder (several at once add up); an empty
         list restores the base weights exactly. Only graphs whose weights change are reopened."""
+        if loras and self.backend == "tensorrt":
+            raise InvalidRequest("LoRA needs the ONNX Runtime backend: TensorRT engines have their weights built "
+                                 "in; load the pipeline with backend='onnxruntime'")
         wanted = tuple(_lora_item(item) for item in loras)
         if wanted == self.loras:
             return

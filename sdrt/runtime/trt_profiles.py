@@ -1,0 +1,177 @@
+"""Which TensorRT engines a bundle needs, and the one static shape each is built for. Pure Python: no GPU.
+
+TensorRT is fastest with static shapes, and a CUDA graph needs fixed buffers anyway, so every engine has one
+optimization profile with min = opt = max. One engine per (component, image size, batch, token count,
+precision), named by `EngineSpec.key` (the file names of the engine store):
+
+- text encoder: batch 2·k, 77 tokens: the pipeline encodes [negative prompt, prompt] together, k 77-token
+  chunks each (long prompts), whatever the image batch (it repeats the result per image).
+- U-Net: batch 2·B (classifier-free guidance runs uncond and cond in one batch), latents H/8 × W/8,
+  encoder_hidden_states with 77·k tokens.
+- VAE decoder: batch B at H/8 × W/8. VAE encoder (img2img, inpainting): batch 1 at H × W.
+
+A request with fewer rows than the engine's batch (guidance off: 1 prompt, B rows) runs in that engine
+padded with zeros (`fit`): every layer of these models treats batch rows independently.
+
+This lives in sdrt.runtime, not sdrt.export, because the runtime picks engines with it and must not import
+the exporter (torch).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from ..errors import InvalidRequest
+from . import names
+from .manifest import Manifest
+
+PRECISIONS = ("fp16", "fp32")
+MAX_CHUNKS = 8  # 77·8 = 616 tokens: well past any prompt people write; keeps engine sizes sane
+
+
+@dataclass(frozen=True)
+class EngineSpec:
+    component: str
+    batch: int  # the engine's own batch (2·B for the U-Net, 2·k for the text encoder)
+    height: int | None  # image pixels; None for the text encoder
+    width: int | None
+    tokens: int | None  # 77·k where the graph has a token axis
+    precision: str  # requested: "fp16" or "fp32" (the VAE may fall back to fp32, see the engine manifest)
+    shapes: tuple[tuple[str, tuple[int, ...]], ...]  # input name -> static shape, in graph order
+
+    @property
+    def key(self) -> str:
+        """File stem in the store, e.g. unet-512x512-b2-t77-fp16, text_encoder-b2-t77-fp16, vae_decoder-512x512-b1-fp16."""
+        parts = [self.component]
+        if self.height is not None:
+            parts.append(f"{self.height}x{self.width}")
+        parts.append(f"b{self.batch}")
+        if self.tokens is not None:
+            parts.append(f"t{self.tokens}")
+        parts.append(self.precision)
+        return "-".join(parts)
+
+    @property
+    def input_shapes(self) -> dict[str, tuple[int, ...]]:
+        return dict(self.shapes)
+
+
+def check_precision(precision: str) -> str:
+    if precision not in PRECISIONS:
+        raise InvalidRequest(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
+    return precision
+
+
+def check_sizes(sizes, scale: int) -> list[tuple[int, int]]:
+    """[(height, width)], each a positive multiple of the VAE's scale factor (8)."""
+    out = []
+    for size in sizes:
+        h, w = (size, size) if isinstance(size, int) else tuple(size)
+        for value, what in ((h, "height"), (w, "width")):
+            if isinstance(value, bool) or not isinstance(value, int) or value < scale or value % scale:
+                raise InvalidRequest(f"engine {what} must be a positive multiple of {scale}, got {value!r}")
+        if (h, w) not in out:
+            out.append((h, w))
+    if not out:
+        raise InvalidRequest("give at least one size to build engines for")
+    return out
+
+
+def default_sizes(manifest: Manifest) -> list[tuple[int, int]]:
+    """The bundle's default image size: what `sdrt generate` uses without --height/--width. That is the
+    model's native size: 512 for SD 1.x, 768 for the v-prediction SD 2.x models (and 512 for SD 2.x base)."""
+    if manifest.default_height and manifest.default_width:
+        return [(manifest.default_height, manifest.default_width)]
+    return [(768, 768)] if manifest.prediction_type == "v_prediction" else [(512, 512)]
+
+
+def _inputs(manifest: Manifest, component: str) -> dict[str, tuple]:
+    """Input name -> the manifest's shape (ints static, strings dynamic); the standard names when the manifest
+    was derived from an optimum folder and lists none."""
+    graph = manifest.graphs[component]
+    if graph.inputs:
+        return {t.name: tuple(t.shape) for t in graph.inputs}
+    defaults = {names.TEXT_ENCODER: {names.INPUT_IDS: ("batch", "sequence")},
+                names.UNET: {names.SAMPLE: ("batch", "c", "h", "w"), names.TIMESTEP: ("batch",),
+                             names.ENCODER_HIDDEN_STATES: ("batch", "tokens", "d")},
+                names.VAE_DECODER: {names.LATENT_SAMPLE: ("batch", "c", "h", "w")},
+                names.VAE_ENCODER: {names.SAMPLE: ("batch", 3, "h", "w")}}
+    return defaults[component]
+
+
+def _fill(declared: tuple, wanted: tuple[int, ...], component: str, name: str) -> tuple[int, ...]:
+    """`wanted`, checked against the graph's static dims (a graph exported for other sizes is refused)."""
+    if len(declared) != len(wanted):
+        if len(declared) == 0:
+            return ()  # optimum's U-Net takes one scalar timestep
+        raise InvalidRequest(f"{component} input {name!r} has rank {len(declared)}, expected {len(wanted)}")
+    for have, want in zip(declared, wanted):
+        if isinstance(have, int) and have != want:
+            raise InvalidRequest(f"{component} input {name!r} is fixed at {declared} in the graph; "
+                                 f"an engine for {wanted} cannot be built from it")
+    return tuple(wanted)
+
+
+def _shapes(manifest: Manifest, component: str, rows: int, h: int, w: int, tokens: int) -> dict[str, tuple]:
+    m = manifest
+    want = {
+        names.INPUTS_EMBEDS: (rows, m.tokenizer_max_length, m.text_hidden_size),
+        names.INPUT_IDS: (rows, m.tokenizer_max_length),
+        names.TIMESTEP: (rows,),
+        names.ENCODER_HIDDEN_STATES: (rows, tokens, m.text_hidden_size),
+        names.LATENT_SAMPLE: (rows, m.latent_channels, h // m.vae_scale_factor, w // m.vae_scale_factor),
+    }
+    if component == names.UNET:
+        want[names.SAMPLE] = (rows, m.unet_in_channels, h // m.vae_scale_factor, w // m.vae_scale_factor)
+    else:
+        want[names.SAMPLE] = (rows, 3, h, w)  # the VAE encoder's image
+    declared = _inputs(manifest, component)
+    if component == names.UNET and isinstance(declared.get(names.ENCODER_HIDDEN_STATES, (0, 0, 0))[2], int):
+        d = declared[names.ENCODER_HIDDEN_STATES][2]  # cross-attention width, when it differs from the encoder's
+        want[names.ENCODER_HIDDEN_STATES] = (rows, tokens, d)
+    unknown = [n for n in declared if n not in want]
+    if unknown:
+        raise InvalidRequest(f"{component} graph has inputs {unknown} that sdrt cannot give shapes to")
+    return {n: _fill(declared[n], want[n], component, n) for n in declared}
+
+
+def engine_specs(manifest: Manifest, sizes, batch: int = 1, precision: str = "fp16",
+                 chunks: int = 1) -> list[EngineSpec]:
+    """Every engine a pipeline needs for `sizes` at image batch `batch` and prompts of up to `chunks` × 77 tokens."""
+    precision = check_precision(precision)
+    if isinstance(batch, bool) or not isinstance(batch, int) or not 1 <= batch <= 64:
+        raise InvalidRequest(f"batch must be an integer from 1 to 64, got {batch!r}")
+    if isinstance(chunks, bool) or not isinstance(chunks, int) or not 1 <= chunks <= MAX_CHUNKS:
+        raise InvalidRequest(f"prompt chunks (77 tokens each) must be from 1 to {MAX_CHUNKS}, got {chunks!r}")
+    tokens = manifest.tokenizer_max_length * chunks
+    sizes = check_sizes(sizes, manifest.vae_scale_factor)
+    text_rows = 2 * chunks
+    specs = [EngineSpec(names.TEXT_ENCODER, text_rows, None, None, manifest.tokenizer_max_length, precision,
+                        tuple(_shapes(manifest, names.TEXT_ENCODER, text_rows, 0, 0, tokens).items()))]
+    for h, w in sizes:
+        for comp, rows, toks in ((names.UNET, 2 * batch, tokens), (names.VAE_DECODER, batch, None),
+                                 (names.VAE_ENCODER, 1, None)):
+            if comp not in manifest.graphs:
+                continue  # a bundle without a VAE encoder: txt2img only
+            specs.append(EngineSpec(comp, rows, h, w, toks, precision,
+                                    tuple(_shapes(manifest, comp, rows, h, w, tokens).items())))
+    return specs
+
+
+def fit(engine_shapes: dict[str, tuple], feed_shapes: dict[str, tuple]) -> int | None:
+    """Rows of zero padding that make `feed_shapes` the engine's shapes, or None when they can't: every dim
+    but the batch must match, and the feeds may have fewer rows (never more) than the engine's batch."""
+    if set(engine_shapes) != set(feed_shapes):
+        return None
+    pads = set()
+    for name, want in engine_shapes.items():
+        got = tuple(feed_shapes[name])
+        if len(got) != len(want) or got[1:] != tuple(want[1:]):
+            return None
+        if not want:
+            continue  # a 0-d input (optimum's scalar timestep) has no batch
+        if not 0 < got[0] <= want[0]:
+            return None
+        pads.add(want[0] - got[0])
+    if len(pads) > 1:
+        return None  # inputs disagree on the batch
+    return pads.pop() if pads else 0
