@@ -31,6 +31,8 @@ from pathlib import Path
 
 from ..errors import InvalidRequest, NotAModelFolder, PickleRefused, SourceError
 from ..runtime.fsutil import sha256_file
+from .single_file_shapes import (CLIP, CLIP_MODEL, OPENCLIP, UNET, VAE, indices, layout_error, text_config,
+                                 unet_config, vae_config)
 from .source import PICKLE_SUFFIXES, Source, _check_finite
 
 CONFIGS = Path(__file__).parent / "single_file_configs"
@@ -40,18 +42,9 @@ FAMILIES = {"sd1": "SD 1.x (epsilon, 512)", "sd2": "SD 2.x base (epsilon, 512)",
 SAFETENSORS_SUFFIXES = (".safetensors", ".sft")
 SUFFIXES = SAFETENSORS_SUFFIXES + PICKLE_SUFFIXES
 
-UNET = "model.diffusion_model."
-VAE = "first_stage_model."
-CLIP = "cond_stage_model.transformer."
-CLIP_MODEL = CLIP + "text_model."
-OPENCLIP = "cond_stage_model.model."
 _FLAT_CLIP = tuple(CLIP + p for p in ("embeddings.", "encoder.", "final_layer_norm."))
 SD2_BASE_GLOBAL_STEP = 875000  # diffusers' heuristic: SD 2.0-base's .ckpt was saved at this step (epsilon)
 
-GROUP_NORM_GROUPS = 32  # LDM's normalization(): GroupNorm(32, C) in the U-Net and the VAE
-SD1_UNET_HEADS = 8  # v1-inference.yaml: num_heads 8
-SD2_UNET_HEAD_CHANNELS = 64  # v2-inference(-v).yaml: num_head_channels 64
-TEXT_HEAD_CHANNELS = 64  # CLIP ViT-L/14: 768 / 12 heads; OpenCLIP ViT-H/14: 1024 / 16 heads
 
 
 class _Checkpoint(Mapping):
@@ -246,115 +239,6 @@ def resolve_family(ck: _Checkpoint, text: str, requested: str | None) -> str:
     return "sd2-v"
 
 
-# ---------------------------------------------------------------------------------------------------------------
-# Sizes from the weights
-
-
-def _indices(keys, prefix: str) -> list[int]:
-    """The integers N of keys `prefix + "N." + ...`, sorted."""
-    found = {int(m.group(1)) for k in keys if k.startswith(prefix) and (m := re.match(r"(\d+)\.", k[len(prefix):]))}
-    return sorted(found)
-
-
-def _layout_error(ck: _Checkpoint, what: str) -> SourceError:
-    return SourceError(f"{str(ck.path)!r}: {what}; the file is damaged or a variant sdrt does not support")
-
-
-def _check_divisible(ck: _Checkpoint, channels, by: int, what: str) -> None:
-    bad = [c for c in channels if c % by]
-    if bad:
-        raise _layout_error(ck, f"{what} needs channel counts that are multiples of {by}; the weights have {bad[0]}")
-
-
-def unet_config(ck: _Checkpoint, family: str, base: dict) -> dict:
-    keys = ck.keyset
-    conv_in = ck.shape(UNET + "input_blocks.0.0.weight")  # (C0, in, 3, 3)
-    levels, level = [], []
-    for i in _indices(keys, UNET + "input_blocks.")[1:]:
-        p = f"{UNET}input_blocks.{i}."
-        if p + "0.op.weight" in keys:  # a downsampler closes the level
-            levels.append(level)
-            level = []
-            continue
-        if p + "0.out_layers.3.weight" not in keys:
-            raise _layout_error(ck, f"U-Net input block {i} is neither a ResNet block nor a downsampler")
-        level.append((ck.shape(p + "0.out_layers.3.weight")[0], p + "1.proj_in.weight" in keys))
-    levels.append(level)
-    per_level = {len(lv) for lv in levels}
-    if len(per_level) != 1 or 0 in per_level or any(len(set(lv)) != 1 for lv in levels):
-        raise _layout_error(ck, "the U-Net's input blocks are not a regular ladder of levels")
-    layers = per_level.pop()
-    channels = [lv[0][0] for lv in levels]
-    attention = [lv[0][1] for lv in levels]
-    n_out = len(_indices(keys, UNET + "output_blocks."))
-    if n_out != len(levels) * (layers + 1):
-        raise _layout_error(ck, f"the U-Net has {n_out} output blocks where its input blocks imply "
-                                f"{len(levels) * (layers + 1)}")
-    if UNET + "middle_block.1.proj_in.weight" not in keys or not any(attention):
-        raise _layout_error(ck, "the U-Net has no cross-attention (model.diffusion_model.middle_block.1.*)")
-    first = next((k for k in sorted(keys) if k.startswith(UNET) and k.endswith(".attn2.to_k.weight")), None)
-    if first is None:
-        raise _layout_error(ck, "the U-Net has no cross-attention key projections (attn2.to_k)")
-    attn_prefix = first.split("transformer_blocks.")[0]
-    proj_in = ck.shape(attn_prefix + "proj_in.weight")
-    _check_divisible(ck, channels, GROUP_NORM_GROUPS, "GroupNorm(32)")
-    if family == "sd1":
-        _check_divisible(ck, channels, SD1_UNET_HEADS, "SD 1.x's 8-head attention")
-        heads = SD1_UNET_HEADS
-    else:
-        _check_divisible(ck, channels, SD2_UNET_HEAD_CHANNELS, "SD 2.x's 64-channel attention heads")
-        heads = [c // SD2_UNET_HEAD_CHANNELS for c in channels]
-    return {**base, "in_channels": conv_in[1], "out_channels": ck.shape(UNET + "out.2.weight")[0],
-            "block_out_channels": channels, "layers_per_block": layers,
-            "down_block_types": ["CrossAttnDownBlock2D" if a else "DownBlock2D" for a in attention],
-            "up_block_types": ["CrossAttnUpBlock2D" if a else "UpBlock2D" for a in reversed(attention)],
-            "cross_attention_dim": ck.shape(first)[1], "use_linear_projection": len(proj_in) == 2,
-            "transformer_layers_per_block": len(_indices(keys, attn_prefix + "transformer_blocks.")),
-            "attention_head_dim": heads, "norm_num_groups": GROUP_NORM_GROUPS}
-
-
-def vae_config(ck: _Checkpoint, base: dict) -> dict:
-    keys = ck.keyset
-    enc = VAE + "encoder."
-    levels = _indices(keys, enc + "down.")
-    if not levels:
-        raise _layout_error(ck, "the VAE encoder has no down blocks")
-    channels = [ck.shape(f"{enc}down.{i}.block.0.conv2.weight")[0] for i in levels]
-    layers = {len(_indices(keys, f"{enc}down.{i}.block.")) for i in levels}
-    if len(layers) != 1:
-        raise _layout_error(ck, "the VAE's encoder levels have different numbers of ResNet blocks")
-    _check_divisible(ck, channels, GROUP_NORM_GROUPS, "GroupNorm(32)")
-    latent = ck.shape(VAE + "post_quant_conv.weight")[0] if VAE + "post_quant_conv.weight" in keys \
-        else ck.shape(enc + "conv_out.weight")[0] // 2
-    return {**base, "in_channels": ck.shape(enc + "conv_in.weight")[1],
-            "out_channels": ck.shape(VAE + "decoder.conv_out.weight")[0], "block_out_channels": channels,
-            "down_block_types": ["DownEncoderBlock2D"] * len(channels),
-            "up_block_types": ["UpDecoderBlock2D"] * len(channels), "layers_per_block": layers.pop(),
-            "latent_channels": latent, "norm_num_groups": GROUP_NORM_GROUPS}
-
-
-def text_config(ck: _Checkpoint, text: str, base: dict) -> dict:
-    keys = ck.keyset
-    if text == "clip":
-        vocab, hidden = ck.shape(CLIP_MODEL + "embeddings.token_embedding.weight")
-        positions = ck.shape(CLIP_MODEL + "embeddings.position_embedding.weight")[0]
-        layers = len(_indices(keys, CLIP_MODEL + "encoder.layers."))
-        mlp = ck.shape(CLIP_MODEL + "encoder.layers.0.mlp.fc1.weight")[0]
-    else:
-        vocab, hidden = ck.shape(OPENCLIP + "token_embedding.weight")
-        positions = ck.shape(OPENCLIP + "positional_embedding")[0]
-        layers = len(_indices(keys, OPENCLIP + "transformer.resblocks.")) - 1  # SD 2.x skips the last layer
-        mlp = ck.shape(OPENCLIP + "transformer.resblocks.0.mlp.c_fc.weight")[0]
-    if layers < 1:
-        raise _layout_error(ck, "the text encoder has no transformer layers")
-    if vocab != base["vocab_size"]:
-        raise _layout_error(ck, f"the text encoder has {vocab} token embeddings where CLIP's tokenizer has "
-                                f"{base['vocab_size']}")
-    _check_divisible(ck, [hidden], TEXT_HEAD_CHANNELS, "CLIP's 64-channel attention heads")
-    return {**base, "hidden_size": hidden, "intermediate_size": mlp, "num_hidden_layers": layers,
-            "num_attention_heads": hidden // TEXT_HEAD_CHANNELS, "max_position_embeddings": positions}
-
-
 def _write_tokenizer_json(folder: Path) -> None:
     """transformers' own tokenizer.json beside vocab.json + merges.txt, which the runtime then loads. From
     vocab + merges alone the runtime's tokenizer does not know that SD 2.x's pad token `!` is a special token,
@@ -379,7 +263,7 @@ def write_configs(ck: _Checkpoint, family: str, text: str, folder: Path) -> Path
     unet = json.loads((folder / "unet" / "config.json").read_text(encoding="utf-8"))
     te = json.loads((folder / "text_encoder" / "config.json").read_text(encoding="utf-8"))
     if unet["cross_attention_dim"] != te["hidden_size"]:
-        raise _layout_error(ck, f"the U-Net attends to {unet['cross_attention_dim']}-wide text features but the text "
+        raise layout_error(ck, f"the U-Net attends to {unet['cross_attention_dim']}-wide text features but the text "
                                 f"encoder is {te['hidden_size']} wide")
     return folder
 
@@ -398,7 +282,7 @@ def _strict(ck: _Checkpoint, name: str, expected, converted) -> None:
     if missing or unused:
         parts = ([f"{len(missing)} missing (e.g. {missing[0]})"] if missing else []) + \
                 ([f"{len(unused)} unused (e.g. {unused[0]})"] if unused else [])
-        raise _layout_error(ck, f"the {name} weights do not fit the layout read from the file: {', '.join(parts)}")
+        raise layout_error(ck, f"the {name} weights do not fit the layout read from the file: {', '.join(parts)}")
 
 
 def _load_components(ck: _Checkpoint, text: str, folder: Path):
@@ -416,7 +300,7 @@ def _load_components(ck: _Checkpoint, text: str, folder: Path):
         for name, prefix in (("unet", UNET), ("vae", VAE), ("text_encoder", CLIP if text == "clip" else OPENCLIP)):
             part = ck.load((prefix,))
             if name == "text_encoder" and text == "openclip":  # SD 2.x uses the penultimate layer: drop the last
-                last = _indices(part, OPENCLIP + "transformer.resblocks.")[-1]
+                last = indices(part, OPENCLIP + "transformer.resblocks.")[-1]
                 part = {k: v for k, v in part.items()
                         if not k.startswith(f"{OPENCLIP}transformer.resblocks.{last}.")}
             try:
@@ -451,7 +335,7 @@ def _load_components(ck: _Checkpoint, text: str, folder: Path):
             del part, skeleton
             empty = [n for n, t in model.state_dict().items() if t.is_meta]
             if empty:
-                raise _layout_error(ck, f"diffusers' loader left {len(empty)} {name} weights empty (e.g. {empty[0]})")
+                raise layout_error(ck, f"diffusers' loader left {len(empty)} {name} weights empty (e.g. {empty[0]})")
             _check_finite(name, model)
             modules[name] = model.eval()
     finally:
@@ -474,7 +358,7 @@ def load_single_file(path: Path, allow_pickle: bool = False, family: str | None 
         try:
             folder = write_configs(ck, family, text, Path(workdir.name) / "model")
         except KeyError as e:
-            raise _layout_error(ck, f"the weight {e.args[0]!r}, which its layout needs, is missing") from None
+            raise layout_error(ck, f"the weight {e.args[0]!r}, which its layout needs, is missing") from None
         modules = _load_components(ck, text, folder)
         return Source(folder, json.loads((folder / "model_index.json").read_text(encoding="utf-8")),
                       modules["text_encoder"], modules["unet"], modules["vae"],
