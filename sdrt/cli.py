@@ -124,7 +124,8 @@ class _StepBar:
 # Options every generation command takes, after its own arguments: (name, type, typer default).
 _SHARED = [
     ("prompt", str, typer.Argument(..., help="What to draw.")),
-    ("model", Path, typer.Option(..., "--model", "-m", help="The bundle folder (from `sdrt export`).")),
+    ("model", Optional[Path], typer.Option(None, "--model", "-m", help="The bundle folder (from `sdrt export`); "
+                                           "default: the embedded demo model.")),
     ("out", Path, typer.Option(..., "--out", "-o", help="Output PNG; with --batch N, OUT-0.png ... OUT-(N-1).png.")),
     ("negative_prompt", str, typer.Option("", "--negative-prompt", "-n")),
     ("steps", int, typer.Option(20, "--steps")),
@@ -290,6 +291,35 @@ def info(bundle: Path = typer.Argument(..., help="A bundle folder."),
                                   else "off: install it with pip install 'sdrt[watermark]'"))
     if m.versions:
         typer.echo("exported by  " + ", ".join(f"{k} {v}" for k, v in m.versions.items()))
+
+
+@app.command("bench")
+@handle_errors
+def bench_command(
+    bundle: Optional[Path] = typer.Argument(None, help="A bundle folder (default: the embedded demo model)."),
+    backend: str = typer.Option("auto", "--backend", help="auto, onnxruntime or tensorrt (as Pipeline.load)."),
+    sampler: str = typer.Option("euler", "--sampler", help="Name, A1111 label or diffusers class."),
+    steps: int = typer.Option(20, "--steps"),
+    height: Optional[int] = typer.Option(None, "--height", help="Default: the bundle's size."),
+    width: Optional[int] = typer.Option(None, "--width"),
+    batch: int = typer.Option(1, "--batch"),
+    guidance: float = typer.Option(7.5, "--guidance", help="<= 1 turns classifier-free guidance off."),
+    runs: int = typer.Option(5, "--runs", help="Timed runs: medians and p90s are over these."),
+    warmup: int = typer.Option(1, "--warmup", help="Untimed runs first."),
+    threads: Optional[int] = typer.Option(None, "--threads", help="CPU threads (default: every core)."),
+    json_out: Optional[Path] = typer.Option(None, "--json", help="Also write the result to this JSON file."),
+):
+    """Time each stage (text encoder, U-Net step, sampler step, VAE decode, end to end) on this machine."""
+    from .bench import bench, check_output, command_line, format_table, write_json
+
+    if json_out is not None:
+        check_output(json_out)  # an unwritable --json fails now, not after the runs
+    result = bench(bundle, backend, sampler, steps, height, width, batch, runs, warmup, guidance, threads=threads,
+                   command=command_line(), log=lambda line: typer.echo(line, err=True))
+    typer.echo(format_table(result))
+    if json_out is not None:
+        write_json(result, json_out)
+        typer.echo(f"wrote {json_out}")
 
 
 @app.command()
