@@ -12,7 +12,6 @@ import argparse
 import json
 import platform
 import resource
-import shutil
 import sys
 import time
 from pathlib import Path
@@ -27,7 +26,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 def build_sd15(root: Path) -> None:
     import torch
     from diffusers import AutoencoderKL, UNet2DConditionModel
-    from tiny_models import SD1_SCHEDULER, VOCAB_DIR
+    from tiny_models import SD1_SCHEDULER, write_tokenizer_folder
     from transformers import CLIPTextConfig, CLIPTextModel
 
     torch.manual_seed(0)
@@ -40,14 +39,7 @@ def build_sd15(root: Path) -> None:
     AutoencoderKL(block_out_channels=(128, 256, 512, 512), layers_per_block=2, latent_channels=4, sample_size=512,
                   down_block_types=("DownEncoderBlock2D",) * 4,
                   up_block_types=("UpDecoderBlock2D",) * 4).save_pretrained(root / "vae")
-    tok = root / "tokenizer"
-    tok.mkdir(exist_ok=True)
-    for f in ("vocab.json", "merges.txt"):
-        shutil.copy(VOCAB_DIR / f, tok / f)
-    specials = {"bos_token": "<|startoftext|>", "eos_token": "<|endoftext|>", "unk_token": "<|endoftext|>",
-                "pad_token": "<|endoftext|>"}
-    (tok / "special_tokens_map.json").write_text(json.dumps(specials))
-    (tok / "tokenizer_config.json").write_text(json.dumps({**specials, "model_max_length": 77}))
+    write_tokenizer_folder(root / "tokenizer", "<|endoftext|>")
     (root / "scheduler").mkdir(exist_ok=True)
     (root / "scheduler" / "scheduler_config.json").write_text(json.dumps(SD1_SCHEDULER))
     (root / "model_index.json").write_text(json.dumps({

@@ -60,6 +60,14 @@ class Draws:
         return queues
 
 
+def assert_inpainted_like(out: Image.Image, want: np.ndarray) -> None:
+    """Inside the mask: diffusers' pixels (within 2/255); outside: the input's, exactly."""
+    inside = np.asarray(square_mask()) > 0
+    got = np.asarray(out, np.float32) / 255
+    assert np.abs(got - (want * 255).round() / 255)[inside].max() <= TOLERANCE
+    assert np.array_equal(np.asarray(out)[~inside], np.asarray(photo())[~inside])
+
+
 @pytest.fixture(scope="module")
 def inpainting(tmp_path_factory):
     """A 9-channel inpainting model, its bundle, sdrt's pipeline and diffusers' StableDiffusionInpaintPipeline."""
@@ -99,10 +107,7 @@ def test_inpainting_model_matches_diffusers_inside_the_mask_and_keeps_the_rest(m
     draws.replay({"diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion_inpaint": [0], VAE_MODULE: [1]})
     want = ref("a blue square", image=photo(), mask_image=square_mask(), num_inference_steps=8,
                output_type="np").images[0]
-    inside = np.asarray(square_mask()) > 0
-    got = np.asarray(out, np.float32) / 255
-    assert np.abs(got - (want * 255).round() / 255)[inside].max() <= TOLERANCE
-    assert np.array_equal(np.asarray(out)[~inside], np.asarray(photo())[~inside])
+    assert_inpainted_like(out, want)
 
 
 def test_ordinary_model_inpaints_like_diffusers_and_keeps_the_rest(monkeypatch, pipes, reference):
@@ -117,10 +122,7 @@ def test_ordinary_model_inpaints_like_diffusers_and_keeps_the_rest(monkeypatch, 
                  extra_vae=1)  # diffusers also encodes the masked image, which a 4-channel U-Net never sees
     want = ref("a blue square", image=photo(), mask_image=square_mask(), num_inference_steps=8,
                output_type="np").images[0]
-    inside = np.asarray(square_mask()) > 0
-    got = np.asarray(out, np.float32) / 255
-    assert np.abs(got - (want * 255).round() / 255)[inside].max() <= TOLERANCE
-    assert np.array_equal(np.asarray(out)[~inside], np.asarray(photo())[~inside])
+    assert_inpainted_like(out, want)
 
 
 @pytest.mark.parametrize("only_masked", [False, True])

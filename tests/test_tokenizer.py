@@ -84,20 +84,12 @@ def test_long_prompts_are_truncated_with_a_warning_that_names_the_dropped_words(
 
 def test_sd2s_published_layout_treats_the_pad_token_as_special(tmp_path):
     """SD 2.x's tokenizer folder as published: vocab.json + merges.txt, pad token "!" (no tokenizer.json)."""
-    import json
-    import shutil
-
+    from tiny_models import write_tokenizer_folder
     from transformers import CLIPTokenizer
 
-    from tiny_models import VOCAB_DIR
     from sdrt.runtime.tokenizer import read_pad_id
 
-    for f in ("vocab.json", "merges.txt"):
-        shutil.copy(VOCAB_DIR / f, tmp_path / f)
-    specials = {"bos_token": "<|startoftext|>", "eos_token": "<|endoftext|>", "unk_token": "<|endoftext|>",
-                "pad_token": "!"}
-    (tmp_path / "special_tokens_map.json").write_text(json.dumps(specials))
-    (tmp_path / "tokenizer_config.json").write_text(json.dumps({**specials, "model_max_length": 77}))
+    write_tokenizer_folder(tmp_path, "!")
     reference = CLIPTokenizer.from_pretrained(str(tmp_path))
     ours = ClipTokenizer.from_folder(tmp_path, 77, read_pad_id(tmp_path))
     for prompt in ["a red circle on a blue background!!", "wow!!! so!", "!"] + CORPUS[:6]:

@@ -44,6 +44,19 @@ def _add_contrast(text_encoder, unet, vae, seed: int) -> None:
         vae.decoder.conv_out.bias.copy_(torch.randn(vae.decoder.conv_out.bias.shape, generator=g) * 0.2)
 
 
+def write_tokenizer_folder(folder: Path, pad: str) -> Path:
+    """The published SD tokenizer layout: vocab.json + merges.txt and the special-token files."""
+    folder.mkdir(parents=True, exist_ok=True)
+    for f in ("vocab.json", "merges.txt"):
+        shutil.copy(VOCAB_DIR / f, folder / f)
+    specials = {"bos_token": "<|startoftext|>", "eos_token": "<|endoftext|>", "unk_token": "<|endoftext|>",
+                "pad_token": pad}
+    (folder / "special_tokens_map.json").write_text(json.dumps(specials))
+    (folder / "tokenizer_config.json").write_text(json.dumps(
+        {**specials, "model_max_length": 77, "do_lower_case": True, "tokenizer_class": "CLIPTokenizer"}))
+    return folder
+
+
 def build_model(root: Path, family: str = "sd1", seed: int = 0, sample_size: int = 8, hidden: int = 32,
                 channels: tuple = (32, 64), in_channels: int = 4) -> Path:
     """Write a random-weight model to root (diffusers layout) and return root. in_channels: 9 for an
@@ -74,16 +87,7 @@ def build_model(root: Path, family: str = "sd1", seed: int = 0, sample_size: int
     te.save_pretrained(root / "text_encoder", safe_serialization=True)
     unet.save_pretrained(root / "unet", safe_serialization=True)
     vae.save_pretrained(root / "vae", safe_serialization=True)
-    tok_dir = root / "tokenizer"
-    tok_dir.mkdir(exist_ok=True)
-    for f in ("vocab.json", "merges.txt"):
-        shutil.copy(VOCAB_DIR / f, tok_dir / f)
-    pad = "!" if sd2 else "<|endoftext|>"
-    specials = {"bos_token": "<|startoftext|>", "eos_token": "<|endoftext|>", "unk_token": "<|endoftext|>",
-                "pad_token": pad}
-    (tok_dir / "special_tokens_map.json").write_text(json.dumps(specials))
-    (tok_dir / "tokenizer_config.json").write_text(json.dumps(
-        {**specials, "model_max_length": 77, "do_lower_case": True, "tokenizer_class": "CLIPTokenizer"}))
+    tok_dir = write_tokenizer_folder(root / "tokenizer", "!" if sd2 else "<|endoftext|>")
     if sd2:  # a newer save: tokenizer.json written by transformers, next to the legacy files
         CLIPTokenizer.from_pretrained(str(tok_dir)).save_pretrained(str(tok_dir))
         (tok_dir / "vocab.json").unlink()
