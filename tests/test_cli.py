@@ -165,3 +165,13 @@ def test_ctrl_c_during_generation_writes_nothing(bundles, tmp_path):
     _, err = proc.communicate(timeout=60)
     assert proc.returncode == 130 and err == "error: interrupted; nothing was written\n"
     assert list(tmp_path.iterdir()) == []
+
+
+def test_generate_without_a_model_and_no_embedded_one_says_what_to_do(tmp_path, capsys, monkeypatch):
+    from sdrt import embedded
+
+    monkeypatch.setattr(embedded, "BUNDLE", tmp_path / "no-bundle")
+    code, _, err = run(capsys, "generate", "a cat", "--out", tmp_path / "x.png")
+    assert code == 3 and err.count("\n") == 1
+    assert "has no embedded demo model yet" in err and "--model BUNDLE" in err
+    assert not (tmp_path / "x.png").exists()

@@ -12,7 +12,7 @@ from typing import Callable
 import numpy as np
 
 from .. import __version__, embedded
-from ..errors import BundleCorrupt, InvalidRequest, NonFiniteOutput
+from ..errors import BundleCorrupt, BundleNotFound, InvalidRequest, NonFiniteOutput
 from . import lora, names, request
 from . import watermark as _watermark
 from .embeddings import load_embedding
@@ -48,6 +48,9 @@ class Pipeline(ImageModes):
         demo model (sdrt/embedded)."""
         if backend not in BACKENDS:
             raise InvalidRequest(f"backend {backend!r} is not one of {', '.join(BACKENDS)}")
+        if path is None and not (embedded.BUNDLE / names.MANIFEST_FILE).is_file():
+            raise BundleNotFound("this sdrt has no embedded demo model yet (issue 4); name a bundle: "
+                                 "`sdrt export SRC --out BUNDLE`, then --model BUNDLE / Pipeline.load(BUNDLE)")
         path = Path(embedded.BUNDLE if path is None else path).expanduser()
         manifest = load_manifest(path)
         backend, session = choose_backend(backend, path, manifest, engines), None
