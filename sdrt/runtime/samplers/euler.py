@@ -45,7 +45,7 @@ class Euler(Sampler):
         sigmas = np.interp(self.timesteps, np.arange(len(train)), train)  # (N,) float64
         if self.karras:  # between the spacing-selected sigmas' ends (diffusers' `_convert_to_karras`)
             sigmas = karras_sigmas(float(sigmas[-1]), float(sigmas[0]), steps)
-            self.timesteps = sigma_to_t(sigmas, np.log(train))
+            self.timesteps = sigma_to_t(sigmas, np.log(train)).astype(np.float32).astype(np.float64)  # as diffusers keeps them
         self.sigmas = np.concatenate([sigmas, [0.0]]).astype(np.float32)  # (N+1,)
         top = float(self.sigmas.max())
         # diffusers: sigma_max for linspace/trailing, sqrt(sigma_max^2 + 1) for leading
