@@ -84,6 +84,8 @@ def export(
     force: bool = typer.Option(False, "--force", help="Replace an existing bundle at --out."),
     family: Optional[str] = typer.Option(None, "--family", help="Single-file checkpoints: sd1, sd2 (512, epsilon) "
                                          "or sd2-v (768, v-prediction); default: read from the weights."),
+    cpu_attention: str = typer.Option("auto", "--cpu-attention", help="auto, fused or plain: add a U-Net graph "
+                                      "with fused attention for ONNX Runtime on the CPU (auto: from 256x256 up)."),
 ):
     """Export a model to an ONNX bundle, checking every graph against torch."""
     try:
@@ -97,7 +99,7 @@ def export(
         raise MissingDependency(f"exporting needs the export extra ({e.name or e} is missing): "
                                 "pip install torch==2.13.0 'sdrt[export]'") from None
     manifest = export_bundle(src, out, height, width, allow_pickle, force, log=lambda m: typer.echo(m, err=True),
-                             family=family)
+                             family=family, cpu_attention=cpu_attention)
     typer.echo(f"wrote {out} ({manifest.default_width}x{manifest.default_height}, {manifest.prediction_type}, "
                f"model hash {manifest.model_hash})")
 

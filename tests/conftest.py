@@ -25,8 +25,8 @@ def bundles(models, tmp_path_factory) -> dict[str, Path]:
     from sdrt.export import export_bundle
 
     root = tmp_path_factory.mktemp("bundles")
-    for fam, src in models.items():
-        export_bundle(src, root / fam, log=lambda *_: None)
+    for fam, src in models.items():  # SD1's U-Net runs through the fused-attention CPU graph, SD2's the plain one
+        export_bundle(src, root / fam, log=lambda *_: None, cpu_attention="fused" if fam == "sd1" else "auto")
     return {fam: root / fam for fam in FAMILIES}
 
 

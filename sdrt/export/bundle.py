@@ -15,12 +15,12 @@ from pathlib import Path
 import numpy as np
 
 from .. import __version__
-from ..errors import ExportFailed, OutputNotWritable
+from ..errors import ExportFailed, InvalidRequest, OutputNotWritable
 from ..runtime import names, request
 from ..runtime.fsutil import atomic_write_bytes, fsync_dir, make_temp_dir, relax_permissions, sha256_file
 from ..runtime.manifest import GraphSpec, Manifest, TensorSpec
 from ..runtime.tokenizer import ClipTokenizer, load_tokenizer_files
-from . import trace, verify
+from . import cpu_graph, trace, verify
 from .source import Source, load_source
 
 # Prompts on which the runtime tokenizer must give transformers' ids before a bundle is written.
@@ -127,26 +127,31 @@ def _versions() -> dict[str, str]:
 def export_bundle(src: Path, out: Path, height: int | None = None, width: int | None = None,
                   allow_pickle: bool = False, force: bool = False,
                   external_threshold: int = trace.EXTERNAL_DATA_THRESHOLD, log=print,
-                  family: str | None = None) -> Manifest:
-    """src: a diffusers model folder, or a single-file checkpoint (family: sd1, sd2, sd2-v; default detected)."""
+                  family: str | None = None, cpu_attention: str = "auto") -> Manifest:
+    """src: a diffusers model folder, or a single-file checkpoint (family: sd1, sd2, sd2-v; default detected).
+    cpu_attention: "auto", "fused" or "plain": whether to add the U-Net graph with fused attention that the
+    ONNX Runtime CPU backend opens (export/cpu_graph.py; "auto" from 256x256 images up)."""
+    if cpu_attention not in cpu_graph.CPU_ATTENTION:
+        raise InvalidRequest(f"cpu_attention {cpu_attention!r} is not one of {', '.join(cpu_graph.CPU_ATTENTION)}")
     out = Path(out).expanduser().resolve()
     _prepare_target(out, force)
     source = load_source(Path(src), allow_pickle, family)
     try:
-        return _write_bundle(source, out, height, width, force, external_threshold, log)
+        return _write_bundle(source, out, height, width, force, external_threshold, log, cpu_attention)
     finally:
         source.close()  # a single-file checkpoint's temporary config folder
 
 
 def _write_bundle(source: Source, out: Path, height: int | None, width: int | None, force: bool,
-                  external_threshold: int, log) -> Manifest:
+                  external_threshold: int, log, cpu_attention: str = "auto") -> Manifest:
     height, width = _default_size(source, height, width)
     tokenizer, pad_id = check_tokenizer(source.path / "tokenizer")
     tmp = make_temp_dir(out)
     try:
-        graphs, errors = {}, {}
+        graphs, errors, cpu_graphs = {}, {}, {}
         ids = tokenizer(["a photo of a cat"])  # (1, 77): the text encoder's check input
-        for comp, (module, inputs, in_names, out_names, axes) in trace.components(source).items():
+        for comp, traced in trace.components(source).items():
+            module, inputs, in_names, out_names, axes = traced
             started = time.perf_counter()
             path = trace.export_onnx(module, inputs, in_names, out_names, axes, tmp / comp, external_threshold,
                                      lora_targets=comp in names.LORA_COMPONENTS)
@@ -156,6 +161,12 @@ def _write_bundle(source: Source, out: Path, height: int | None, width: int | No
             graphs[comp] = graph_spec(path, f"{comp}/{names.MODEL_FILE}")
             log(f"{comp}: exported and checked in {time.perf_counter() - started:.1f}s "
                 f"(relative error vs torch {errors[comp]:.2e})")
+            scale = 2 ** (len(source.vae.config.block_out_channels) - 1)
+            if comp == names.UNET and cpu_graph.wanted(cpu_attention, height, width, scale):
+                fused = cpu_graph.write_cpu_graph(*traced, path, log)
+                if fused is not None:
+                    errors[f"{comp} ({names.CPU_MODEL_FILE})"] = _verify_cpu_graph(comp, expected, fused, feeds)
+                    cpu_graphs[comp] = f"{comp}/{names.CPU_MODEL_FILE}"
         np.save(tmp / names.TEXT_ENCODER / names.TOKEN_EMBEDDINGS_FILE, verify.token_embeddings(source))
         _copy_configs(source, tmp, tokenizer)
         relax_permissions(tmp)
@@ -168,7 +179,7 @@ def _write_bundle(source: Source, out: Path, height: int | None, width: int | No
             default_height=height, default_width=width, text_hidden_size=te.hidden_size,
             tokenizer_max_length=tokenizer.max_length, tokenizer_pad_id=pad_id, files=files,
             token_embeddings=f"{names.TEXT_ENCODER}/{names.TOKEN_EMBEDDINGS_FILE}",
-            source_hash=source.hash, versions=_versions())
+            source_hash=source.hash, cpu_graphs=cpu_graphs, versions=_versions())
         data = manifest.to_json()
         data["verification"] = {"metric": "relative L2 error vs torch", "limit": verify.RELATIVE_ERROR_LIMIT,
                                 "errors": errors}
@@ -182,6 +193,14 @@ def _write_bundle(source: Source, out: Path, height: int | None, width: int | No
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return manifest
+
+
+def _verify_cpu_graph(comp: str, expected: list, path: Path, feeds: dict) -> float:
+    try:
+        return verify.verify(comp, expected, path, feeds)
+    except ExportFailed as e:
+        raise ExportFailed(f"{e} (the graph with fused attention; export with --cpu-attention plain to leave it "
+                           "out)") from None
 
 
 def _swap_into_place(tmp: Path, out: Path, force: bool) -> None:

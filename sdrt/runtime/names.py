@@ -37,6 +37,7 @@ PREDICTED_DEPTH = "predicted_depth"
 
 MODEL_FILE = "model.onnx"
 EXTERNAL_DATA_FILE = "model.onnx_data"
+CPU_MODEL_FILE = "model.cpu.onnx"  # beside the U-Net's graph: attention fused for ONNX Runtime CPU (export/cpu_graph.py)
 MANIFEST_FILE = "sdrt.json"
 LORA_MAP_FILE = "lora_map.json"  # beside the U-Net's and text encoder's graphs: where LoRA-targetable weights live
 LORA_COMPONENTS = (TEXT_ENCODER, UNET)

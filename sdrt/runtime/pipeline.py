@@ -57,8 +57,8 @@ class Pipeline(ImageModes):
         if backend == "tensorrt":
             opened, session = load_tensorrt_engines(path, manifest, engines)
         else:
-            opened = {comp: OrtEngine(path / g.path, comp, threads) for comp, g in manifest.graphs.items()
-                      if comp in names.REQUIRED_COMPONENTS}
+            opened = {comp: OrtEngine(path / manifest.cpu_graphs.get(comp, g.path), comp, threads)
+                      for comp, g in manifest.graphs.items() if comp in names.REQUIRED_COMPONENTS}
         _check_io(manifest, opened)
         tokenizer = ClipTokenizer.from_folder(path / "tokenizer", manifest.tokenizer_max_length,
                                               manifest.tokenizer_pad_id)

@@ -1,0 +1,172 @@
+"""The U-Net's ONNX Runtime CPU graph: every attention one com.microsoft MultiHeadAttention node.
+
+Why: the plain graph computes attention as MatMul, Softmax, MatMul, so at 512x512 each self-attention over
+4096 latent tokens writes and rereads a (2, 8, 4096, 4096) float32 score tensor (1 GiB). ONNX Runtime's
+MultiHeadAttention CPU kernel (separate Q, K, V inputs) works through it in cache-sized blocks instead, as
+PyTorch's scaled_dot_product_attention does. TensorRT cannot parse com.microsoft operators, so the plain graph
+stays the bundle's graph (TensorRT and the CUDA provider build from it) and this one is an extra file,
+`unet/model.cpu.onnx`, that only the ONNX Runtime CPU backend opens.
+
+How: the U-Net is traced a second time with an attention processor whose core exports as that operator
+(the projections stay ordinary layers). The new graph holds no weights of its own: each initializer is
+matched by its bytes to the plain graph's and renamed and pointed into its model.onnx_data, so the bundle
+grows by the graph's structure only and LoRA overrides (by initializer name, lora_map.json) reach both graphs.
+It is checked against torch like every exported graph. (onnxruntime.transformers' fusion was tried first: it
+packs self-attention's Q, K, V weights into a new tensor for its `Attention` operator, which breaks both.)
+
+On small latents the operator's fixed cost outweighs what it saves (measured on the embedded model, 1 thread:
+8x8 latents 20 % slower, 16x16 even, 32x32 20 % faster), hence `AUTO_MIN_TOKENS`.
+"""
+from __future__ import annotations
+
+import hashlib
+import tempfile
+import warnings
+from pathlib import Path
+
+from ..runtime import names
+from . import trace
+
+CPU_ATTENTION = ("auto", "fused", "plain")
+AUTO_MIN_TOKENS = 1024  # latent tokens (H/8 * W/8) at the bundle's default size from which "auto" fuses
+MAX_UNMATCHED_BYTES = 1 << 16  # the new graph may add small constants, never a copy of a weight
+
+
+class Unsupported(Exception):
+    """An attention layer this processor does not reproduce exactly; the plain graph is used instead."""
+
+
+def wanted(policy: str, height: int, width: int, scale: int = 8) -> bool:
+    return policy == "fused" or (policy == "auto" and (height // scale) * (width // scale) >= AUTO_MIN_TOKENS)
+
+
+def _processor():
+    import torch
+
+    class MultiHeadAttention(torch.autograd.Function):
+        """softmax(q k^T * scale) v over `heads` heads; (B, S, D) q and (B, L, D) k, v -> (B, S, D)."""
+
+        @staticmethod
+        def forward(ctx, q, k, v, heads: int, scale: float):
+            b, s, d = q.shape
+            split = lambda x: x.view(b, x.shape[1], heads, d // heads).transpose(1, 2)  # (B, heads, S, D/heads)
+            out = torch.nn.functional.scaled_dot_product_attention(split(q), split(k), split(v), scale=scale)
+            return out.transpose(1, 2).reshape(b, s, d)
+
+        @staticmethod
+        def symbolic(g, q, k, v, heads: int, scale: float):
+            out = g.op("com.microsoft::MultiHeadAttention", q, k, v, num_heads_i=heads, scale_f=scale)
+            out.setType(q.type())  # same shape and dtype as q; tells torch's shape inference
+            return out
+
+    class FusedAttention:
+        """diffusers' plain attention (Transformer2DModel's self and cross attention) with its core as one op."""
+
+        def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None,
+                     *args, **kwargs):
+            unusual = [n for n in ("spatial_norm", "group_norm", "norm_cross", "norm_q", "norm_k")
+                       if getattr(attn, n, None) is not None]
+            if unusual or attention_mask is not None or hidden_states.ndim != 3 or attn.residual_connection:
+                raise Unsupported(f"attention with {unusual or 'a mask, 4-d input or residual'}")
+            context = hidden_states if encoder_hidden_states is None else encoder_hidden_states
+            q, k, v = attn.to_q(hidden_states), attn.to_k(context), attn.to_v(context)
+            out = MultiHeadAttention.apply(q, k, v, attn.heads, float(attn.scale))
+            out = attn.to_out[1](attn.to_out[0](out))  # projection, dropout
+            return out / attn.rescale_output_factor
+
+    return FusedAttention()
+
+
+def _trace(module, inputs, in_names, out_names, axes, scratch: Path):
+    """The U-Net with the fused processor, as an in-memory ModelProto with its weights."""
+    import onnx
+    import torch
+
+    unet = module.m
+    saved = unet.attn_processors
+    unet.set_attn_processor(_processor())
+    try:
+        with torch.no_grad(), warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            raw = scratch / names.MODEL_FILE
+            torch.onnx.export(module, inputs, str(raw), input_names=in_names, output_names=out_names,
+                              dynamic_axes=axes, opset_version=trace.OPSET, do_constant_folding=True,
+                              custom_opsets={"com.microsoft": 1}, dynamo=False)
+        return onnx.load(str(raw))
+    finally:
+        unet.set_attn_processor(saved)
+
+
+def _plain_weights(plain_graph: Path) -> dict[str, tuple[str, list]]:
+    """sha1 of each external initializer's bytes -> (its name, its external_data entries)."""
+    import onnx
+
+    model = onnx.load(str(plain_graph), load_external_data=False)
+    out = {}
+    with open(plain_graph.parent / names.EXTERNAL_DATA_FILE, "rb") as data:
+        for t in model.graph.initializer:
+            if t.data_location != onnx.TensorProto.EXTERNAL:
+                continue
+            where = {e.key: e.value for e in t.external_data}
+            data.seek(int(where.get("offset", 0)))
+            digest = hashlib.sha1(data.read(int(where["length"]))).hexdigest()
+            out.setdefault(digest, (t.name, list(t.external_data)))
+    return out
+
+
+def _rename(model, mapping: dict[str, str]) -> None:
+    for t in model.graph.initializer:
+        t.name = mapping.get(t.name, t.name)
+    for v in model.graph.value_info:
+        v.name = mapping.get(v.name, v.name)
+    for node in model.graph.node:
+        node.input[:] = [mapping.get(i, i) for i in node.input]
+        node.output[:] = [mapping.get(o, o) for o in node.output]
+
+
+def _share_weights(model, plain: dict) -> None:
+    """Point model's initializers at the plain graph's bytes, renamed to the plain graph's names."""
+    import onnx
+    from onnx import numpy_helper
+
+    plain_names = {name for name, _ in plain.values()}
+    # The two traces number their tensors independently: first move this graph's names out of the way.
+    ours = {t.name for t in model.graph.initializer} | {o for n in model.graph.node for o in n.output}
+    _rename(model, {n: f"cpu/{n}" for n in ours & plain_names})
+    taken, renames = set(), {}
+    for t in model.graph.initializer:
+        data = t.raw_data or numpy_helper.to_array(t).tobytes()
+        match = plain.get(hashlib.sha1(data).hexdigest())
+        if match is None:
+            if len(data) > MAX_UNMATCHED_BYTES:
+                raise Unsupported(f"weight {t.name!r} ({len(data)} bytes) has no copy in the plain graph")
+            continue
+        name, entries = match
+        t.ClearField("raw_data")
+        del t.float_data[:], t.int64_data[:], t.int32_data[:]
+        t.data_location = onnx.TensorProto.EXTERNAL
+        del t.external_data[:]
+        t.external_data.extend(entries)
+        if name not in taken:  # equal bytes under two names (zero biases): the second keeps its own name
+            taken.add(name)
+            renames[t.name] = name
+    _rename(model, renames)
+
+
+def write_cpu_graph(module, inputs, in_names, out_names, axes, plain_graph: Path, log=print) -> Path | None:
+    """Write model.cpu.onnx beside plain_graph (sharing its model.onnx_data); None when the model has an
+    attention this processor can't reproduce (the CPU backend then opens the plain graph)."""
+    import onnx
+
+    try:
+        with tempfile.TemporaryDirectory(dir=plain_graph.parent.parent) as scratch:
+            model = _trace(module, inputs, in_names, out_names, axes, Path(scratch))
+        _share_weights(model, _plain_weights(plain_graph))
+    except Unsupported as e:
+        log(f"unet: no fused-attention graph ({e}); the CPU backend uses the plain graph")
+        return None
+    target = plain_graph.parent / names.CPU_MODEL_FILE
+    onnx.save_model(model, str(target))
+    count = sum(1 for n in model.graph.node if n.op_type == "MultiHeadAttention")
+    log(f"unet: {count} attention layers fused for ONNX Runtime on the CPU ({names.CPU_MODEL_FILE})")
+    return target

@@ -1,0 +1,72 @@
+"""The U-Net's fused-attention graph for ONNX Runtime on the CPU (sdrt/export/cpu_graph.py): the SD1 test bundle
+is exported with it (conftest), so every SD1 parity and LoRA test runs through it; these check its shape."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import onnx
+import pytest
+from conftest import latents, pixels
+
+import sdrt
+from sdrt.errors import InvalidRequest
+from sdrt.export import cpu_graph, export_bundle
+
+QUIET = {"log": lambda *_: None}
+
+
+def test_every_attention_is_one_operator_and_the_weights_are_shared(models, bundles):
+    from diffusers import UNet2DConditionModel
+    from diffusers.models.attention_processor import Attention
+
+    b = bundles["sd1"]
+    manifest = json.loads((b / "sdrt.json").read_text())
+    assert manifest["cpu_graphs"] == {"unet": "unet/model.cpu.onnx"}
+    assert "unet/model.cpu.onnx" in manifest["files"] and "unet (model.cpu.onnx)" in manifest["verification"]["errors"]
+    graph = onnx.load(str(b / "unet" / "model.cpu.onnx"), load_external_data=False)
+    unet = UNet2DConditionModel.from_pretrained(models["sd1"] / "unet")
+    layers = sum(isinstance(m, Attention) for m in unet.modules())
+    ops = [n.op_type for n in graph.graph.node]
+    assert ops.count("MultiHeadAttention") == layers > 0 and "Softmax" not in ops
+    # No weight of its own: every sizeable initializer lives in the plain graph's model.onnx_data.
+    big = [t for t in graph.graph.initializer if np.prod(t.dims) * 4 > cpu_graph.MAX_UNMATCHED_BYTES]
+    assert big and all({e.key: e.value for e in t.external_data}.get("location") == "model.onnx_data" for t in big)
+    assert sorted(p.name for p in (b / "unet").iterdir() if "onnx" in p.name) == \
+        ["model.cpu.onnx", "model.onnx", "model.onnx_data"]
+    # LoRA overrides go by initializer name: every targetable weight is there under the plain graph's name.
+    names = {t.name for t in graph.graph.initializer}
+    lora_map = json.loads((b / "unet" / "lora_map.json").read_text())
+    assert {entry["initializer"] for entry in lora_map.values()} <= names
+
+
+def test_the_cpu_backend_opens_it_and_draws_what_the_plain_graph_draws(models, bundles, tmp_path):
+    fused = sdrt.Pipeline.load(bundles["sd1"])
+    assert fused.engines["unet"].path.name == "model.cpu.onnx"
+    export_bundle(models["sd1"], tmp_path / "plain", cpu_attention="plain", **QUIET)
+    plain = sdrt.Pipeline.load(tmp_path / "plain")
+    assert plain.engines["unet"].path.name == "model.onnx" and plain.manifest.cpu_graphs == {}
+    lat = latents(2, seed=3)
+    a = pixels(fused.txt2img("a red cube", steps=6, latents=lat, batch=2, guidance=6))
+    b = pixels(plain.txt2img("a red cube", steps=6, latents=lat, batch=2, guidance=6))
+    assert np.abs(a - b).max() <= 1 / 255
+
+
+def test_auto_fuses_from_256x256_up_and_bad_policies_are_refused(models, tmp_path):
+    assert not cpu_graph.wanted("auto", 64, 64) and not cpu_graph.wanted("auto", 128, 128)
+    assert cpu_graph.wanted("auto", 256, 256) and cpu_graph.wanted("auto", 512, 512)
+    assert cpu_graph.wanted("fused", 64, 64) and not cpu_graph.wanted("plain", 768, 768)
+    with pytest.raises(InvalidRequest, match="cpu_attention 'fast' is not one of auto, fused, plain"):
+        export_bundle(models["sd1"], tmp_path / "x", cpu_attention="fast", **QUIET)
+    assert not (tmp_path / "x").exists()
+
+
+def test_a_graph_that_would_copy_a_weight_is_not_written(tmp_path):
+    from onnx import helper, numpy_helper
+
+    weight = numpy_helper.from_array(np.ones((256, 256), np.float32), "w")
+    model = helper.make_model(helper.make_graph([helper.make_node("Identity", ["w"], ["y"])], "g", [],
+                                                [helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, None)],
+                                                initializer=[weight]))
+    with pytest.raises(cpu_graph.Unsupported, match="'w' .262144 bytes. has no copy in the plain graph"):
+        cpu_graph._share_weights(model, {})
