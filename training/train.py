@@ -121,7 +121,7 @@ class Checkpoint:
     machine is shared and a long run may be killed; a resumed run draws the same batches and noise, so
     it ends where an unbroken one would. `elapsed` carries the training time across resumes."""
 
-    def __init__(self, path: Path | None, key: dict, every: int = 250):
+    def __init__(self, path: Path | None, key: dict, every: int = 100):
         self.path, self.key, self.every, self.elapsed = path, key, every, 0.0
         self.t0 = time.perf_counter()
 
