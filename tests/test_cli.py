@@ -173,5 +173,5 @@ def test_generate_without_a_model_and_no_embedded_one_says_what_to_do(tmp_path, 
     monkeypatch.setattr(embedded, "BUNDLE", tmp_path / "no-bundle")
     code, _, err = run(capsys, "generate", "a cat", "--out", tmp_path / "x.png")
     assert code == 3 and err.count("\n") == 1
-    assert "has no embedded demo model yet" in err and "--model BUNDLE" in err
+    assert "embedded demo model is missing from this install" in err and "--model BUNDLE" in err
     assert not (tmp_path / "x.png").exists()

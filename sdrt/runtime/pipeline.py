@@ -49,7 +49,8 @@ class Pipeline(ImageModes):
         if backend not in BACKENDS:
             raise InvalidRequest(f"backend {backend!r} is not one of {', '.join(BACKENDS)}")
         if path is None and not (embedded.BUNDLE / names.MANIFEST_FILE).is_file():
-            raise BundleNotFound("this sdrt has no embedded demo model yet (issue 4); name a bundle: "
+            raise BundleNotFound(f"the embedded demo model is missing from this install ({embedded.BUNDLE}); "
+                                 "reinstall sdrt, or name a bundle: "
                                  "`sdrt export SRC --out BUNDLE`, then --model BUNDLE / Pipeline.load(BUNDLE)")
         path = Path(embedded.BUNDLE if path is None else path).expanduser()
         manifest = load_manifest(path)
