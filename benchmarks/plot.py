@@ -27,7 +27,8 @@ def groups(paths: list[Path]) -> list[dict]:
     for path in paths:
         result = json.loads(path.read_text())
         c = result["config"]
-        model = "tiny sd1" if c["model"].startswith("tiny") else Path(c["model"]).name
+        path = Path(c["model"])  # a diffusers folder; "model" says less than the folder holding it
+        model = "tiny sd1" if c["model"].startswith("tiny") else (path.parent.name if path.name == "model" else path.name)
         for name, peer in result["peers"].items():
             psnr = "images identical" if peer["psnr_db"] is None else f"PSNR {peer['psnr_db']:.1f} dB"
             out.append({

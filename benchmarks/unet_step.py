@@ -1,4 +1,4 @@
-"""One U-Net call, three ways, interleaved: PyTorch eager (diffusers' UNet2DConditionModel, SDPA attention),
+"""One U-Net call (or one VAE decode, --vae), three ways, interleaved: PyTorch eager (diffusers' UNet2DConditionModel, SDPA attention),
 ONNX Runtime on the bundle's plain graph, and on its fused-attention CPU graph (unet/model.cpu.onnx).
 The U-Net alone, without the pipeline around it, so the per-call ratio is not blurred by the rest.
 
@@ -25,6 +25,7 @@ def main() -> None:
     ap.add_argument("src", type=Path, help="the diffusers folder the bundle was exported from")
     ap.add_argument("--runs", type=int, default=3)
     ap.add_argument("--threads", type=int, default=os.cpu_count())
+    ap.add_argument("--vae", action="store_true", help="time the VAE decoder instead (torch vae.decode vs the graph)")
     ap.add_argument("--json", type=Path)
     args = ap.parse_args()
     import torch
@@ -41,15 +42,24 @@ def main() -> None:
     feeds = {"sample": rng.standard_normal((2, m.unet_in_channels, h, w), dtype=np.float32),
              "timestep": np.array([500.0, 500.0], np.float32),
              "encoder_hidden_states": rng.standard_normal((2, 77, m.text_hidden_size), dtype=np.float32)}
-    unet = UNet2DConditionModel.from_pretrained(args.src / "unet", torch_dtype=torch.float32).eval()
-    t_feeds = [torch.from_numpy(feeds[k]) for k in ("sample", "timestep", "encoder_hidden_states")]
-    sides = {"pytorch eager": lambda: unet(*t_feeds, return_dict=False)[0].numpy()}
-    engines = {"onnxruntime plain graph": m.graphs["unet"].path}
-    if "unet" in m.cpu_graphs:
-        engines["onnxruntime fused-attention graph"] = m.cpu_graphs["unet"]
+    if args.vae:  # (1, 4, h, w) latents -> (1, 3, H, W): one image's decode
+        from diffusers import AutoencoderKL
+
+        vae = AutoencoderKL.from_pretrained(args.src / "vae", torch_dtype=torch.float32).eval()
+        z = rng.standard_normal((1, m.latent_channels, h, w), dtype=np.float32)
+        sides = {"pytorch eager": lambda: vae.decode(torch.from_numpy(z), return_dict=False)[0].numpy()}
+        engines, component, feeds, out = {"onnxruntime graph": m.graphs["vae_decoder"].path}, "vae_decoder", \
+            {"latent_sample": z}, "sample"
+    else:
+        unet = UNet2DConditionModel.from_pretrained(args.src / "unet", torch_dtype=torch.float32).eval()
+        t_feeds = [torch.from_numpy(feeds[k]) for k in ("sample", "timestep", "encoder_hidden_states")]
+        sides = {"pytorch eager": lambda: unet(*t_feeds, return_dict=False)[0].numpy()}
+        engines, component, out = {"onnxruntime plain graph": m.graphs["unet"].path}, "unet", "out_sample"
+        if "unet" in m.cpu_graphs:
+            engines["onnxruntime fused-attention graph"] = m.cpu_graphs["unet"]
     for name, rel in engines.items():
-        engine = OrtEngine(args.bundle / rel, "unet", args.threads)
-        sides[name] = lambda e=engine: e(**feeds)["out_sample"]
+        engine = OrtEngine(args.bundle / rel, component, args.threads)
+        sides[name] = lambda e=engine: e(**feeds)[out]
     times: dict[str, list[float]] = {k: [] for k in sides}
     outputs = {}
     with torch.no_grad():
@@ -63,7 +73,8 @@ def main() -> None:
     ref = outputs["pytorch eager"]
     result = {"command": shlex.join(["python", "benchmarks/unet_step.py", *sys.argv[1:]]),
               "machine": machine_info(None), "versions": {**versions(), "torch": torch.__version__},
-              "shape": {"batch": 2, "latent": [h, w], "tokens": 77}, "threads": args.threads, "runs": args.runs,
+              "component": "vae_decoder" if args.vae else "unet",
+              "shape": {"batch": 1, "latent": [h, w]} if args.vae else {"batch": 2, "latent": [h, w], "tokens": 77}, "threads": args.threads, "runs": args.runs,
               "sides": {}}
     for name in sides:
         stats = summarize(times[name])

@@ -287,6 +287,8 @@ def info(bundle: Path = typer.Argument(..., help="A bundle folder."),
     for comp, g in m.graphs.items():
         ins = ", ".join(f"{t.name} {t.dtype}{list(t.shape)}" for t in g.inputs) or "read from the graph"
         typer.echo(f"{comp:<13}{g.path}: {ins}")
+        if comp in m.cpu_graphs:
+            typer.echo(f"{'':<13}{m.cpu_graphs[comp]}: the same with fused attention, for ONNX Runtime on the CPU")
     typer.echo("samplers     " + ", ".join(f"{c.name} ({c.label})" for c in SAMPLERS.values()))
     typer.echo("watermark    " + (f"active: dwtDct, payload {payload_for(m.text_hidden_size)!r}, on images of at least "
                                   "256x256 (--no-watermark to skip)" if watermark_available()

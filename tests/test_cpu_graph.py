@@ -70,3 +70,12 @@ def test_a_graph_that_would_copy_a_weight_is_not_written(tmp_path):
                                                 initializer=[weight]))
     with pytest.raises(cpu_graph.Unsupported, match="'w' .262144 bytes. has no copy in the plain graph"):
         cpu_graph._share_weights(model, {})
+
+
+def test_info_names_the_cpu_graph(bundles, capsys):
+    from sdrt.cli import main
+
+    with pytest.raises(SystemExit) as done:
+        main(["info", str(bundles["sd1"])])
+    assert done.value.code in (0, None)
+    assert "unet/model.cpu.onnx: the same with fused attention, for ONNX Runtime on the CPU" in capsys.readouterr().out
