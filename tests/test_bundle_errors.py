@@ -123,9 +123,15 @@ def _replace_and_rehash(bundle, rel: str, content: bytes) -> None:
     (bundle / "sdrt.json").write_text(json.dumps(data))
 
 
-def test_graph_swapped_for_another_with_rehashed_manifest(bundle):
-    """A manifest that promises other I/O than the graph has (hashes updated to match) is refused."""
-    _replace_and_rehash(bundle, "unet/model.onnx", (bundle / "vae_decoder" / "model.onnx").read_bytes())
+@pytest.mark.parametrize("rel", ["unet/model.cpu.onnx", "unet/model.onnx"])
+def test_graph_swapped_for_another_with_rehashed_manifest(bundle, rel):
+    """A manifest that promises other I/O than the graph has (hashes updated to match) is refused, whichever
+    U-Net graph the CPU backend opens (the fused-attention one, or the plain one when there is none)."""
+    if rel == "unet/model.onnx":
+        data = json.loads((bundle / "sdrt.json").read_text())
+        data["cpu_graphs"] = {}
+        (bundle / "sdrt.json").write_text(json.dumps(data))
+    _replace_and_rehash(bundle, rel, (bundle / "vae_decoder" / "model.onnx").read_bytes())
     with pytest.raises(BundleCorrupt, match="unet graph does not match sdrt.json: tensor 'sample'"):
         sdrt.Pipeline.load(bundle)
 
