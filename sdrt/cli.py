@@ -86,6 +86,8 @@ def export(
                                          "or sd2-v (768, v-prediction); default: read from the weights."),
     cpu_attention: str = typer.Option("auto", "--cpu-attention", help="auto, fused or plain: add a U-Net graph "
                                       "with fused attention for ONNX Runtime on the CPU (auto: from 256x256 up)."),
+    int8: bool = typer.Option(False, "--int8", help="Also write a U-Net with int8 MatMuls (opt-in at generation "
+                              "with --int8)."),
 ):
     """Export a model to an ONNX bundle, checking every graph against torch."""
     try:
@@ -99,7 +101,7 @@ def export(
         raise MissingDependency(f"exporting needs the export extra ({e.name or e} is missing): "
                                 "pip install torch==2.13.0 'sdrt[export]'") from None
     manifest = export_bundle(src, out, height, width, allow_pickle, force, log=lambda m: typer.echo(m, err=True),
-                             family=family, cpu_attention=cpu_attention)
+                             family=family, cpu_attention=cpu_attention, int8=int8)
     typer.echo(f"wrote {out} ({manifest.default_width}x{manifest.default_height}, {manifest.prediction_type}, "
                f"model hash {manifest.model_hash})")
 
@@ -151,6 +153,8 @@ _SHARED = [
                                   "else ONNX Runtime), tensorrt or onnxruntime.")),
     ("engines", Path, typer.Option(Path("engines"), "--engines", help="Where `sdrt build` put the engines.")),
     ("no_watermark", bool, typer.Option(False, "--no-watermark", help="Skip the invisible watermark (sdrt info).")),
+    ("int8", bool, typer.Option(False, "--int8", help="The U-Net with int8 MatMuls (bundles exported with --int8; "
+                                "ONNX Runtime on the CPU; no LoRA).")),
 ]
 
 
@@ -186,7 +190,7 @@ def _generate(fn, s: dict, own: dict) -> None:
         _fail(f"--out {str(s['out'])!r} must end in .png", 2)
     make_sampler(s["sampler"], {}, 1, s["eta"])  # so do an unknown sampler and an eta it can't take
     loras = [_lora_option(text) for text in s["lora"]]
-    pipe = Pipeline.load(s["model"], backend=s["backend"], engines=s["engines"])
+    pipe = Pipeline.load(s["model"], backend=s["backend"], engines=s["engines"], int8=s["int8"])
     pipe.lora_dirs = list(s["lora_dir"])
     for path in s["embedding"]:
         typer.echo(f"embedding {pipe.load_embedding(path, allow_pickle=s['allow_pickle'])!r} from {path}")
@@ -289,6 +293,8 @@ def info(bundle: Path = typer.Argument(..., help="A bundle folder."),
         typer.echo(f"{comp:<13}{g.path}: {ins}")
         if comp in m.cpu_graphs:
             typer.echo(f"{'':<13}{m.cpu_graphs[comp]}: the same with fused attention, for ONNX Runtime on the CPU")
+        if comp in m.int8_graphs:
+            typer.echo(f"{'':<13}{m.int8_graphs[comp]}: the same with int8 MatMuls (--int8)")
     typer.echo("samplers     " + ", ".join(f"{c.name} ({c.label})" for c in SAMPLERS.values()))
     typer.echo("watermark    " + (f"active: dwtDct, payload {payload_for(m.text_hidden_size)!r}, on images of at least "
                                   "256x256 (--no-watermark to skip)" if watermark_available()

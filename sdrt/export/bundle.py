@@ -21,6 +21,7 @@ from ..runtime.fsutil import atomic_write_bytes, fsync_dir, make_temp_dir, relax
 from ..runtime.manifest import GraphSpec, Manifest, TensorSpec
 from ..runtime.tokenizer import ClipTokenizer, load_tokenizer_files
 from . import cpu_graph, trace, verify
+from . import int8 as int8_mod
 from .source import Source, load_source
 
 # Prompts on which the runtime tokenizer must give transformers' ids before a bundle is written.
@@ -127,28 +128,29 @@ def _versions() -> dict[str, str]:
 def export_bundle(src: Path, out: Path, height: int | None = None, width: int | None = None,
                   allow_pickle: bool = False, force: bool = False,
                   external_threshold: int = trace.EXTERNAL_DATA_THRESHOLD, log=print,
-                  family: str | None = None, cpu_attention: str = "auto") -> Manifest:
+                  family: str | None = None, cpu_attention: str = "auto", int8: bool = False) -> Manifest:
     """src: a diffusers model folder, or a single-file checkpoint (family: sd1, sd2, sd2-v; default detected).
     cpu_attention: "auto", "fused" or "plain": whether to add the U-Net graph with fused attention that the
-    ONNX Runtime CPU backend opens (export/cpu_graph.py; "auto" from 256x256 images up)."""
+    ONNX Runtime CPU backend opens (export/cpu_graph.py; "auto" from 256x256 images up). int8: also write the
+    opt-in int8 U-Net (export/int8.py)."""
     if cpu_attention not in cpu_graph.CPU_ATTENTION:
         raise InvalidRequest(f"cpu_attention {cpu_attention!r} is not one of {', '.join(cpu_graph.CPU_ATTENTION)}")
     out = Path(out).expanduser().resolve()
     _prepare_target(out, force)
     source = load_source(Path(src), allow_pickle, family)
     try:
-        return _write_bundle(source, out, height, width, force, external_threshold, log, cpu_attention)
+        return _write_bundle(source, out, height, width, force, external_threshold, log, cpu_attention, int8)
     finally:
         source.close()  # a single-file checkpoint's temporary config folder
 
 
 def _write_bundle(source: Source, out: Path, height: int | None, width: int | None, force: bool,
-                  external_threshold: int, log, cpu_attention: str = "auto") -> Manifest:
+                  external_threshold: int, log, cpu_attention: str = "auto", int8: bool = False) -> Manifest:
     height, width = _default_size(source, height, width)
     tokenizer, pad_id = check_tokenizer(source.path / "tokenizer")
     tmp = make_temp_dir(out)
     try:
-        graphs, errors, cpu_graphs = {}, {}, {}
+        graphs, errors, cpu_graphs, int8_graphs = {}, {}, {}, {}
         ids = tokenizer(["a photo of a cat"])  # (1, 77): the text encoder's check input
         for comp, traced in trace.components(source).items():
             module, inputs, in_names, out_names, axes = traced
@@ -167,6 +169,12 @@ def _write_bundle(source: Source, out: Path, height: int | None, width: int | No
                 if fused is not None:
                     errors[f"{comp} ({names.CPU_MODEL_FILE})"] = _verify_cpu_graph(comp, expected, fused, feeds)
                     cpu_graphs[comp] = f"{comp}/{names.CPU_MODEL_FILE}"
+            if comp == names.UNET and int8:  # from the fused-attention graph when there is one
+                base = tmp / cpu_graphs.get(comp, f"{comp}/{names.MODEL_FILE}")
+                quantized = int8_mod.write_int8_graph(base, log)
+                errors[f"{comp} ({names.INT8_MODEL_FILE})"] = verify.verify(comp, expected, quantized, feeds,
+                                                                          limit=int8_mod.INT8_ERROR_LIMIT)
+                int8_graphs[comp] = f"{comp}/{names.INT8_MODEL_FILE}"
         np.save(tmp / names.TEXT_ENCODER / names.TOKEN_EMBEDDINGS_FILE, verify.token_embeddings(source))
         _copy_configs(source, tmp, tokenizer)
         relax_permissions(tmp)
@@ -179,7 +187,8 @@ def _write_bundle(source: Source, out: Path, height: int | None, width: int | No
             default_height=height, default_width=width, text_hidden_size=te.hidden_size,
             tokenizer_max_length=tokenizer.max_length, tokenizer_pad_id=pad_id, files=files,
             token_embeddings=f"{names.TEXT_ENCODER}/{names.TOKEN_EMBEDDINGS_FILE}",
-            source_hash=source.hash, cpu_graphs=cpu_graphs, versions=_versions())
+            source_hash=source.hash, cpu_graphs=cpu_graphs, int8_graphs=int8_graphs,
+            versions=_versions())
         data = manifest.to_json()
         data["verification"] = {"metric": "relative L2 error vs torch", "limit": verify.RELATIVE_ERROR_LIMIT,
                                 "errors": errors}

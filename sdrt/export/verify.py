@@ -64,13 +64,14 @@ def expected_outputs(source, component: str, module, feeds: dict[str, np.ndarray
     return [t.numpy() for t in (out if isinstance(out, tuple) else (out,))]
 
 
-def verify(component: str, expected: list, onnx_path: Path, feeds: dict[str, np.ndarray]) -> float:
+def verify(component: str, expected: list, onnx_path: Path, feeds: dict[str, np.ndarray],
+           limit: float = RELATIVE_ERROR_LIMIT) -> float:
     import onnxruntime as ort
 
     session = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
     actual = session.run(None, feeds)
     worst = max(relative_error(a, e) for a, e in zip(actual, expected, strict=True))
-    if not worst <= RELATIVE_ERROR_LIMIT:
+    if not worst <= limit:
         raise ExportFailed(f"{component}: ONNX Runtime differs from torch by relative error {worst:.3g} "
-                           f"(limit {RELATIVE_ERROR_LIMIT:g}); the export was not written")
+                           f"(limit {limit:g}); the export was not written")
     return worst

@@ -70,6 +70,7 @@ class Manifest:
     token_embeddings: str | None = None  # relative path of the (vocab, D) lookup table, when the graph takes embeddings
     source_hash: str | None = None
     cpu_graphs: dict[str, str] = field(default_factory=dict)  # component -> graph ONNX Runtime's CPU backend opens
+    int8_graphs: dict[str, str] = field(default_factory=dict)  # component -> int8 graph, opened only when asked
     versions: dict[str, str] = field(default_factory=dict)
     format_version: int = FORMAT_VERSION
     hashed: bool = True  # False for a derived (optimum) manifest: nothing was checked
@@ -125,7 +126,7 @@ def _parse(path: Path) -> Manifest:
     except (KeyError, TypeError, ValueError) as e:
         raise BundleCorrupt(f"{str(path)!r} is missing or has a malformed field ({e!r}); {REEXPORT}") from None
     extra = [manifest.token_embeddings] if manifest.token_embeddings else []
-    extra += list(manifest.cpu_graphs.values())
+    extra += [*manifest.cpu_graphs.values(), *manifest.int8_graphs.values()]
     for rel in [*manifest.files, *(g.path for g in manifest.graphs.values()), *extra]:
         if Path(rel).is_absolute() or ".." in Path(rel).parts:
             raise BundleCorrupt(f"{str(path)!r} names the file {rel!r}, outside the bundle; refusing it. {REEXPORT}")
@@ -145,7 +146,8 @@ def verify_files(bundle: Path, manifest: Manifest) -> None:
                                 f"(corrupt or modified); {REEXPORT}")
     if manifest.token_embeddings and manifest.token_embeddings not in manifest.files:
         raise BundleCorrupt(f"{manifest.token_embeddings} is not hashed in {names.MANIFEST_FILE}; {REEXPORT}")
-    graphs = [(comp, g.path) for comp, g in manifest.graphs.items()] + list(manifest.cpu_graphs.items())
+    graphs = [(comp, g.path) for comp, g in manifest.graphs.items()] + list(manifest.cpu_graphs.items()) + \
+        list(manifest.int8_graphs.items())
     for comp, rel in graphs:
         if rel not in manifest.files:
             raise BundleCorrupt(f"graph {comp} ({rel}) is not hashed in {names.MANIFEST_FILE}; {REEXPORT}")

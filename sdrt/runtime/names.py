@@ -37,6 +37,7 @@ PREDICTED_DEPTH = "predicted_depth"
 
 MODEL_FILE = "model.onnx"
 EXTERNAL_DATA_FILE = "model.onnx_data"
+INT8_MODEL_FILE = "model.int8.onnx"  # beside the U-Net's graph: its MatMuls in int8, opt-in (export/int8.py)
 CPU_MODEL_FILE = "model.cpu.onnx"  # beside the U-Net's graph: attention fused for ONNX Runtime CPU (export/cpu_graph.py)
 MANIFEST_FILE = "sdrt.json"
 LORA_MAP_FILE = "lora_map.json"  # beside the U-Net's and text encoder's graphs: where LoRA-targetable weights live

@@ -33,7 +33,7 @@ class Pipeline(ImageModes):
     def __init__(self, path: Path, manifest: Manifest, engines: dict[str, Engine], text: TextEncoder,
                  scheduler_config: dict, threads: int | None = None):
         self.path, self.manifest, self.engines, self.threads = path, manifest, engines, threads
-        self.backend, self.trt_session = "onnxruntime", None
+        self.backend, self.trt_session, self.int8 = "onnxruntime", None, False
         self.text, self.tokenizer, self.scheduler_config = text, text.tokenizer, scheduler_config
         self.loras: tuple[Lora, ...] = ()  # applied to the U-Net and text encoder engines now
         self.lora_dirs: list[Path] = []  # where <lora:name:w> prompt tags are looked up
@@ -41,11 +41,12 @@ class Pipeline(ImageModes):
 
     @classmethod
     def load(cls, path: str | Path | None = None, backend: str = "auto", threads: int | None = None,
-             engines: str | Path | None = None) -> "Pipeline":
+             engines: str | Path | None = None, int8: bool = False) -> "Pipeline":
         """Validate the bundle's manifest and hashes, then open its graphs. backend: "onnxruntime" (the CPU),
         "tensorrt" (the engines `sdrt build` made for this GPU, in `engines`, default ./engines) or "auto"
         (TensorRT when engines for this GPU exist there, else ONNX Runtime). Without a path: the embedded
-        demo model (sdrt/embedded)."""
+        demo model (sdrt/embedded). int8: the U-Net with int8 MatMuls (ONNX Runtime only; a bundle exported
+        with `sdrt export --int8`; no LoRA)."""
         if backend not in BACKENDS:
             raise InvalidRequest(f"backend {backend!r} is not one of {', '.join(BACKENDS)}")
         if path is None and not (embedded.BUNDLE / names.MANIFEST_FILE).is_file():
@@ -54,11 +55,15 @@ class Pipeline(ImageModes):
                                  "`sdrt export SRC --out BUNDLE`, then --model BUNDLE / Pipeline.load(BUNDLE)")
         path = Path(embedded.BUNDLE if path is None else path).expanduser()
         manifest = load_manifest(path)
+        if int8:
+            _check_int8(path, manifest, backend)
+            backend = "onnxruntime"
         backend, session = choose_backend(backend, path, manifest, engines), None
         if backend == "tensorrt":
             opened, session = load_tensorrt_engines(path, manifest, engines)
         else:
-            opened = {comp: OrtEngine(path / manifest.cpu_graphs.get(comp, g.path), comp, threads)
+            chosen = {**manifest.cpu_graphs, **(manifest.int8_graphs if int8 else {})}
+            opened = {comp: OrtEngine(path / chosen.get(comp, g.path), comp, threads)
                       for comp, g in manifest.graphs.items() if comp in names.REQUIRED_COMPONENTS}
         _check_io(manifest, opened)
         tokenizer = ClipTokenizer.from_folder(path / "tokenizer", manifest.tokenizer_max_length,
@@ -70,6 +75,7 @@ class Pipeline(ImageModes):
         SchedulerConfig.from_dict(sched)  # refuse an unusable config at load, not at the first request
         pipe = cls(path, manifest, opened, TextEncoder(opened, tokenizer, table), sched, threads)
         pipe.backend, pipe.trt_session = backend, session  # the session owns the engines' device memory
+        pipe.int8 = int8
         return pipe
 
     def _open(self, component: str, rel: str) -> Engine:
@@ -91,6 +97,9 @@ class Pipeline(ImageModes):
     def set_loras(self, loras) -> None:
         """Apply LoRAs [(file, weight), ...] to the U-Net and text encoder (several at once add up); an empty
         list restores the base weights exactly. Only graphs whose weights change are reopened."""
+        if loras and self.int8:
+            raise InvalidRequest("LoRA can't patch the int8 U-Net (its weights are int8 copies); load the "
+                                 "pipeline without int8 to use LoRA")
         if loras and self.backend == "tensorrt":
             raise InvalidRequest("LoRA needs the ONNX Runtime backend: TensorRT engines have their weights built "
                                  "in; load the pipeline with backend='onnxruntime'")
@@ -294,6 +303,14 @@ def _finite(x: np.ndarray, stage: str, step: int | None = None) -> np.ndarray:
     if not np.isfinite(x).all():
         raise NonFiniteOutput(stage, step)
     return x
+
+
+def _check_int8(path: Path, manifest: Manifest, backend: str) -> None:
+    if backend == "tensorrt":
+        raise InvalidRequest("int8 is an ONNX Runtime CPU mode; TensorRT engines are fp16: drop one of the two")
+    if names.UNET not in manifest.int8_graphs:
+        raise InvalidRequest(f"bundle {str(path)!r} has no int8 U-Net; export it with `sdrt export SRC --out "
+                             "BUNDLE --int8`, or generate without int8")
 
 
 def _check_io(manifest: Manifest, engines: dict[str, Engine]) -> None:

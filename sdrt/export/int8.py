@@ -1,0 +1,28 @@
+"""An opt-in int8 U-Net for ONNX Runtime on the CPU (`sdrt export --int8`, then `--int8` at generation).
+
+ONNX Runtime's dynamic quantization of the U-Net's MatMuls: weights int8 per output channel, activations
+quantized per call, run by its VNNI/AVX-512 kernels. Convolutions stay fp32 (their int8 form needs calibration
+and moves many more numbers). Measured (benchmarks/NOTES.md, section 5): at SD 1.5 size the U-Net call takes
+0.86x the fp32 fused-attention graph's time, a 3-step image is 42 dB from fp32's; the embedded model's prompt
+adherence is unchanged, though on its tiny matrices int8 is slower. Built from the fused-attention graph when
+there is one. It holds int8 copies of the weights, so LoRA can't patch it (the runtime refuses the pair), and
+it is checked against torch with a looser limit than the fp32 graphs (int8 rounding lands near 1e-2).
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+from ..runtime import names
+
+INT8_ERROR_LIMIT = 0.05  # relative L2 vs torch; fp32 graphs must stay under verify.RELATIVE_ERROR_LIMIT (1e-3)
+
+
+def write_int8_graph(source_graph: Path, log=print) -> Path:
+    """unet/model.int8.onnx (+ model.int8.onnx.data) beside source_graph."""
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    target = source_graph.parent / names.INT8_MODEL_FILE
+    quantize_dynamic(str(source_graph), str(target), weight_type=QuantType.QInt8, op_types_to_quantize=["MatMul"],
+                     per_channel=True, use_external_data_format=True)
+    log(f"unet: MatMul weights quantized to int8 ({names.INT8_MODEL_FILE}, opt-in with --int8)")
+    return target
