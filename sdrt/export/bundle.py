@@ -152,6 +152,7 @@ def _write_bundle(source: Source, out: Path, height: int | None, width: int | No
     try:
         graphs, errors, cpu_graphs, int8_graphs = {}, {}, {}, {}
         ids = tokenizer(["a photo of a cat"])  # (1, 77): the text encoder's check input
+        scale = 2 ** (len(source.vae.config.block_out_channels) - 1)  # image pixels per latent pixel
         for comp, traced in trace.components(source).items():
             module, inputs, in_names, out_names, axes = traced
             started = time.perf_counter()
@@ -163,7 +164,6 @@ def _write_bundle(source: Source, out: Path, height: int | None, width: int | No
             graphs[comp] = graph_spec(path, f"{comp}/{names.MODEL_FILE}")
             log(f"{comp}: exported and checked in {time.perf_counter() - started:.1f}s "
                 f"(relative error vs torch {errors[comp]:.2e})")
-            scale = 2 ** (len(source.vae.config.block_out_channels) - 1)
             if comp == names.UNET and cpu_graph.wanted(cpu_attention, height, width, scale):
                 fused = cpu_graph.write_cpu_graph(*traced, path, log)
                 if fused is not None:
