@@ -164,6 +164,7 @@ def main(argv=None) -> None:
     ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--guidance", type=float, default=7.5)
     ap.add_argument("--sampler", default="euler")
+    ap.add_argument("--int8", action="store_true", help="the bundle's opt-in int8 U-Net (sdrt export --int8)")
     ap.add_argument("--json", default=None, help="write the figures (and every reading) to this file")
     args = ap.parse_args(argv)
     started = time.perf_counter()
@@ -172,7 +173,7 @@ def main(argv=None) -> None:
     else:
         import sdrt
 
-        pipe = sdrt.Pipeline.load(args.bundle) if args.bundle else sdrt.Pipeline.load()
+        pipe = sdrt.Pipeline.load(args.bundle, int8=args.int8)
         result, rows = adherence(pipe, heldout_scenes(args.seeds), args.steps, args.guidance, args.sampler)
         by_word = {str(w): tally([r["ok"] for r in rows if r["size_word"] == w]) for w in world.SIZE_WORDS}
         result = {"overall": result, "by_size_word": by_word}

@@ -10,6 +10,7 @@ it is checked against torch with a looser limit than the fp32 graphs (int8 round
 """
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 from ..runtime import names
@@ -22,7 +23,11 @@ def write_int8_graph(source_graph: Path, log=print) -> Path:
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
     target = source_graph.parent / names.INT8_MODEL_FILE
-    quantize_dynamic(str(source_graph), str(target), weight_type=QuantType.QInt8, op_types_to_quantize=["MatMul"],
-                     per_channel=True, use_external_data_format=True)
+    logging.disable(logging.WARNING)  # its advice to run its pre-processing script goes to the root logger
+    try:
+        quantize_dynamic(str(source_graph), str(target), weight_type=QuantType.QInt8, op_types_to_quantize=["MatMul"],
+                         per_channel=True, use_external_data_format=True)
+    finally:
+        logging.disable(logging.NOTSET)
     log(f"unet: MatMul weights quantized to int8 ({names.INT8_MODEL_FILE}, opt-in with --int8)")
     return target
