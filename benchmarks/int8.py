@@ -16,6 +16,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from compare import psnr  # noqa: E402
+from unet_step import unet_feeds  # noqa: E402
 
 
 def main() -> None:
@@ -30,9 +31,7 @@ def main() -> None:
     pipes = {"fp32": sdrt.Pipeline.load(args.bundle), "int8": sdrt.Pipeline.load(args.bundle, int8=True)}
     m, rng = pipes["fp32"].manifest, np.random.default_rng(0)
     h, w = m.default_height // m.vae_scale_factor, m.default_width // m.vae_scale_factor
-    feeds = {"sample": rng.standard_normal((2, m.unet_in_channels, h, w), dtype=np.float32),
-             "timestep": np.array([500.0, 500.0], np.float32),
-             "encoder_hidden_states": rng.standard_normal((2, 77, m.text_hidden_size), dtype=np.float32)}
+    feeds = unet_feeds(m, rng)
     times: dict[str, list[float]] = {k: [] for k in pipes}
     for run in range(args.rounds + 1):  # the first round warms up
         for name, pipe in pipes.items():

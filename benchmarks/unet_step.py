@@ -1,5 +1,6 @@
-"""One U-Net call (or one VAE decode, --vae), three ways, interleaved: PyTorch eager (diffusers' UNet2DConditionModel, SDPA attention),
-ONNX Runtime on the bundle's plain graph, and on its fused-attention CPU graph (unet/model.cpu.onnx).
+"""One U-Net call (or one VAE decode, --vae), three ways, interleaved: PyTorch eager (diffusers'
+UNet2DConditionModel, SDPA attention), ONNX Runtime on the bundle's plain graph, and on its fused-attention CPU
+graph (unet/model.cpu.onnx).
 The U-Net alone, without the pipeline around it, so the per-call ratio is not blurred by the rest.
 
     python benchmarks/unet_step.py /tmp/sd15/bundle /tmp/sd15/model --runs 3 --json benchmarks/results/unet_step_sd15.json
@@ -17,6 +18,14 @@ import time
 from pathlib import Path
 
 import numpy as np
+
+
+def unet_feeds(m, rng: np.random.Generator) -> dict[str, np.ndarray]:
+    """One guided U-Net call's inputs at the bundle's default size: batch 2, 77 tokens."""
+    h, w = m.default_height // m.vae_scale_factor, m.default_width // m.vae_scale_factor
+    return {"sample": rng.standard_normal((2, m.unet_in_channels, h, w), dtype=np.float32),
+            "timestep": np.array([500.0, 500.0], np.float32),
+            "encoder_hidden_states": rng.standard_normal((2, 77, m.text_hidden_size), dtype=np.float32)}
 
 
 def main() -> None:
@@ -39,9 +48,7 @@ def main() -> None:
     m = load_manifest(args.bundle)
     h, w = m.default_height // m.vae_scale_factor, m.default_width // m.vae_scale_factor
     rng = np.random.default_rng(0)
-    feeds = {"sample": rng.standard_normal((2, m.unet_in_channels, h, w), dtype=np.float32),
-             "timestep": np.array([500.0, 500.0], np.float32),
-             "encoder_hidden_states": rng.standard_normal((2, 77, m.text_hidden_size), dtype=np.float32)}
+    feeds = unet_feeds(m, rng)
     if args.vae:  # (1, 4, h, w) latents -> (1, 3, H, W): one image's decode
         from diffusers import AutoencoderKL
 
@@ -74,16 +81,15 @@ def main() -> None:
     result = {"command": shlex.join(["python", "benchmarks/unet_step.py", *sys.argv[1:]]),
               "machine": machine_info(None), "versions": {**versions(), "torch": torch.__version__},
               "component": "vae_decoder" if args.vae else "unet",
-              "shape": {"batch": 1, "latent": [h, w]} if args.vae else {"batch": 2, "latent": [h, w], "tokens": 77}, "threads": args.threads, "runs": args.runs,
-              "sides": {}}
+              "shape": {"batch": 1, "latent": [h, w]} if args.vae else {"batch": 2, "latent": [h, w], "tokens": 77},
+              "threads": args.threads, "runs": args.runs, "sides": {}}
+    baseline = summarize(times["pytorch eager"])["median_ms"]
     for name in sides:
         stats = summarize(times[name])
         err = float(np.linalg.norm(outputs[name] - ref) / np.linalg.norm(ref))
-        result["sides"][name] = {**stats, "ratio_to_pytorch": round(stats["median_ms"] /
-                                                                     summarize(times["pytorch eager"])["median_ms"], 3),
-                                 "relative_error_vs_pytorch": err}
-        print(f"{name:36s} median {stats['median_ms'] / 1e3:7.2f} s  ratio {result['sides'][name]['ratio_to_pytorch']:.3f}"
-              f"  rel. error {err:.1e}")
+        ratio = round(stats["median_ms"] / baseline, 3)
+        result["sides"][name] = {**stats, "ratio_to_pytorch": ratio, "relative_error_vs_pytorch": err}
+        print(f"{name:36s} median {stats['median_ms'] / 1e3:7.2f} s  ratio {ratio:.3f}  rel. error {err:.1e}")
     if args.json:
         args.json.write_text(json.dumps(result, indent=2) + "\n")
 
