@@ -84,8 +84,8 @@ def export(
     force: bool = typer.Option(False, "--force", help="Replace an existing bundle at --out."),
     family: Optional[str] = typer.Option(None, "--family", help="Single-file checkpoints: sd1, sd2 (512, epsilon) "
                                          "or sd2-v (768, v-prediction); default: read from the weights."),
-    cpu_attention: str = typer.Option("auto", "--cpu-attention", help="auto, fused or plain: add a U-Net graph "
-                                      "with fused attention for ONNX Runtime on the CPU (auto: from 256x256 up)."),
+    cpu_graph: str = typer.Option("auto", "--cpu-graph", help="auto, always or never: add a U-Net graph for ONNX "
+                                  "Runtime on the CPU (fused attention, Winograd convolutions; auto: from 256x256 up)."),
     int8: bool = typer.Option(False, "--int8", help="Also write a U-Net with int8 MatMuls (opt-in at generation "
                               "with --int8)."),
 ):
@@ -101,7 +101,7 @@ def export(
         raise MissingDependency(f"exporting needs the export extra ({e.name or e} is missing): "
                                 "pip install torch==2.13.0 'sdrt[export]'") from None
     manifest = export_bundle(src, out, height, width, allow_pickle, force, log=lambda m: typer.echo(m, err=True),
-                             family=family, cpu_attention=cpu_attention, int8=int8)
+                             family=family, cpu_graph_policy=cpu_graph, int8=int8)
     typer.echo(f"wrote {out} ({manifest.default_width}x{manifest.default_height}, {manifest.prediction_type}, "
                f"model hash {manifest.model_hash})")
 
@@ -292,7 +292,8 @@ def info(bundle: Path = typer.Argument(..., help="A bundle folder."),
         ins = ", ".join(f"{t.name} {t.dtype}{list(t.shape)}" for t in g.inputs) or "read from the graph"
         typer.echo(f"{comp:<13}{g.path}: {ins}")
         if comp in m.cpu_graphs:
-            typer.echo(f"{'':<13}{m.cpu_graphs[comp]}: the same with fused attention, for ONNX Runtime on the CPU")
+            typer.echo(f"{'':<13}{m.cpu_graphs[comp]}: the same with fused attention and Winograd "
+                       "convolutions, for ONNX Runtime on the CPU")
         if comp in m.int8_graphs:
             typer.echo(f"{'':<13}{m.int8_graphs[comp]}: the same with int8 MatMuls (--int8)")
     typer.echo("samplers     " + ", ".join(f"{c.name} ({c.label})" for c in SAMPLERS.values()))

@@ -40,11 +40,17 @@ def test_every_attention_is_one_operator_and_the_weights_are_shared(models, bund
     assert {entry["initializer"] for entry in lora_map.values()} <= names
 
 
-def test_the_cpu_backend_opens_it_and_draws_what_the_plain_graph_draws(models, bundles, tmp_path):
+@pytest.fixture(scope="module")
+def plain_bundle(models, tmp_path_factory):
+    out = tmp_path_factory.mktemp("plain") / "b"
+    export_bundle(models["sd1"], out, cpu_graph_policy="never", **QUIET)
+    return out
+
+
+def test_the_cpu_backend_opens_it_and_draws_what_the_plain_graph_draws(bundles, plain_bundle):
     fused = sdrt.Pipeline.load(bundles["sd1"])
     assert fused.engines["unet"].path.name == "model.cpu.onnx"
-    export_bundle(models["sd1"], tmp_path / "plain", cpu_attention="plain", **QUIET)
-    plain = sdrt.Pipeline.load(tmp_path / "plain")
+    plain = sdrt.Pipeline.load(plain_bundle)
     assert plain.engines["unet"].path.name == "model.onnx" and plain.manifest.cpu_graphs == {}
     lat = latents(2, seed=3)
     a = pixels(fused.txt2img("a red cube", steps=6, latents=lat, batch=2, guidance=6))
@@ -52,12 +58,34 @@ def test_the_cpu_backend_opens_it_and_draws_what_the_plain_graph_draws(models, b
     assert np.abs(a - b).max() <= 1 / 255
 
 
+def test_a_lora_on_3x3_convolutions_reaches_their_winograd_form(bundles, plain_bundle, tmp_path):
+    """A LoCon-style LoRA on resnet convolutions: ONNX Runtime folds Winograd's weight transform from the graph
+    file's weight unless told not to (runtime/engine.py); the CPU graph must draw what the plain graph draws."""
+    import torch
+    from safetensors.torch import save_file
+
+    graph = onnx.load(str(bundles["sd1"] / "unet" / "model.cpu.onnx"), load_external_data=False)
+    assert sum(n.op_type == "ConvTranspose" for n in graph.graph.node) >= 4  # Winograd form (conftest)
+    g, tensors = torch.Generator().manual_seed(5), {}
+    for layer, (c_out, c_in) in {"down_blocks_0_resnets_0_conv1": (32, 32), "up_blocks_1_resnets_0_conv2": (32, 32)}.items():
+        key = f"lora_unet_{layer}"
+        tensors |= {f"{key}.lora_down.weight": torch.randn((4, c_in, 3, 3), generator=g) * 0.3,
+                    f"{key}.lora_up.weight": torch.randn((c_out, 4, 1, 1), generator=g) * 0.3,
+                    f"{key}.alpha": torch.tensor(4.0)}
+    save_file(tensors, str(tmp_path / "locon.safetensors"))
+    lat, lora = latents(1, seed=6), [(tmp_path / "locon.safetensors", 1.0)]
+    a = pixels(sdrt.Pipeline.load(bundles["sd1"]).txt2img("a red cube", steps=4, latents=lat, loras=lora))
+    b = pixels(sdrt.Pipeline.load(plain_bundle).txt2img("a red cube", steps=4, latents=lat, loras=lora))
+    base = pixels(sdrt.Pipeline.load(plain_bundle).txt2img("a red cube", steps=4, latents=lat))
+    assert np.abs(a - b).max() <= 1 / 255 and np.abs(b - base).max() > 10 / 255
+
+
 def test_auto_fuses_from_256x256_up_and_bad_policies_are_refused(models, tmp_path):
     assert not cpu_graph.wanted("auto", 64, 64) and not cpu_graph.wanted("auto", 128, 128)
     assert cpu_graph.wanted("auto", 256, 256) and cpu_graph.wanted("auto", 512, 512)
-    assert cpu_graph.wanted("fused", 64, 64) and not cpu_graph.wanted("plain", 768, 768)
-    with pytest.raises(InvalidRequest, match="cpu_attention 'fast' is not one of auto, fused, plain"):
-        export_bundle(models["sd1"], tmp_path / "x", cpu_attention="fast", **QUIET)
+    assert cpu_graph.wanted("always", 64, 64) and not cpu_graph.wanted("never", 768, 768)
+    with pytest.raises(InvalidRequest, match="cpu graph policy 'fast' is not one of auto, always, never"):
+        export_bundle(models["sd1"], tmp_path / "x", cpu_graph_policy="fast", **QUIET)
     assert not (tmp_path / "x").exists()
 
 
@@ -78,4 +106,4 @@ def test_info_names_the_cpu_graph(bundles, capsys):
     with pytest.raises(SystemExit) as done:
         main(["info", str(bundles["sd1"])])
     assert done.value.code in (0, None)
-    assert "unet/model.cpu.onnx: the same with fused attention, for ONNX Runtime on the CPU" in capsys.readouterr().out
+    assert "unet/model.cpu.onnx: the same with fused attention and Winograd convolutions, for ONNX Runtime on the CPU" in capsys.readouterr().out

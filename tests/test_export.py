@@ -7,7 +7,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import latents, pixels
+from conftest import SD1_CPU_GRAPH, latents, pixels
 
 import sdrt
 from sdrt.errors import ExportFailed, InvalidRequest, NotAModelFolder, OutputNotWritable, PickleRefused, SourceError
@@ -54,7 +54,7 @@ def test_sd2_bundle_records_v_prediction_and_bang_padding(bundles):
 
 def test_external_data_round_trips_and_gives_the_same_images(models, bundles, tmp_path):
     out = tmp_path / "ext"
-    export_bundle(models["sd1"], out, external_threshold=0, cpu_attention="fused", **QUIET)
+    export_bundle(models["sd1"], out, external_threshold=0, **SD1_CPU_GRAPH, **QUIET)
     assert (out / "unet" / "model.onnx_data").is_file()
     assert (out / "unet" / "model.onnx_data").stat().st_mode & 0o044 == 0o044  # readable by others, as the rest
     assert "unet/model.onnx_data" in json.loads((out / "sdrt.json").read_text())["files"]

@@ -6,7 +6,7 @@ import json
 
 import numpy as np
 import pytest
-from conftest import latents, pixels
+from conftest import SD1_CPU_GRAPH, latents, pixels
 
 import sdrt
 from sdrt.errors import InvalidRequest
@@ -17,7 +17,7 @@ from sdrt.export.int8 import INT8_ERROR_LIMIT
 @pytest.fixture(scope="module")
 def int8_bundle(models, tmp_path_factory):
     out = tmp_path_factory.mktemp("int8") / "b"
-    export_bundle(models["sd1"], out, cpu_attention="fused", int8=True, log=lambda *_: None)
+    export_bundle(models["sd1"], out, **SD1_CPU_GRAPH, int8=True, log=lambda *_: None)
     return out
 
 

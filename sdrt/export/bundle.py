@@ -20,7 +20,7 @@ from ..runtime import names, request
 from ..runtime.fsutil import atomic_write_bytes, fsync_dir, make_temp_dir, relax_permissions, sha256_file
 from ..runtime.manifest import GraphSpec, Manifest, TensorSpec
 from ..runtime.tokenizer import ClipTokenizer, load_tokenizer_files
-from . import cpu_graph, trace, verify
+from . import cpu_graph, trace, verify, winograd
 from . import int8 as int8_mod
 from .source import Source, load_source
 
@@ -128,24 +128,28 @@ def _versions() -> dict[str, str]:
 def export_bundle(src: Path, out: Path, height: int | None = None, width: int | None = None,
                   allow_pickle: bool = False, force: bool = False,
                   external_threshold: int = trace.EXTERNAL_DATA_THRESHOLD, log=print,
-                  family: str | None = None, cpu_attention: str = "auto", int8: bool = False) -> Manifest:
+                  family: str | None = None, cpu_graph_policy: str = "auto", int8: bool = False,
+                  winograd_min_side: int = winograd.MIN_SIDE) -> Manifest:
     """src: a diffusers model folder, or a single-file checkpoint (family: sd1, sd2, sd2-v; default detected).
-    cpu_attention: "auto", "fused" or "plain": whether to add the U-Net graph with fused attention that the
-    ONNX Runtime CPU backend opens (export/cpu_graph.py; "auto" from 256x256 images up). int8: also write the
-    opt-in int8 U-Net (export/int8.py)."""
-    if cpu_attention not in cpu_graph.CPU_ATTENTION:
-        raise InvalidRequest(f"cpu_attention {cpu_attention!r} is not one of {', '.join(cpu_graph.CPU_ATTENTION)}")
+    cpu_graph_policy: "auto", "always" or "never": whether to add the U-Net graph (fused attention, Winograd
+    convolutions) that the ONNX Runtime CPU backend opens (export/cpu_graph.py; "auto" from 256x256 images up).
+    winograd_min_side: the smallest feature map (at the default size) whose 3x3 convolutions that graph computes
+    by Winograd. int8: also write the opt-in int8 U-Net (export/int8.py)."""
+    if cpu_graph_policy not in cpu_graph.POLICIES:
+        raise InvalidRequest(f"cpu graph policy {cpu_graph_policy!r} is not one of {', '.join(cpu_graph.POLICIES)}")
     out = Path(out).expanduser().resolve()
     _prepare_target(out, force)
     source = load_source(Path(src), allow_pickle, family)
     try:
-        return _write_bundle(source, out, height, width, force, external_threshold, log, cpu_attention, int8)
+        return _write_bundle(source, out, height, width, force, external_threshold, log,
+                             (cpu_graph_policy, winograd_min_side), int8)
     finally:
         source.close()  # a single-file checkpoint's temporary config folder
 
 
 def _write_bundle(source: Source, out: Path, height: int | None, width: int | None, force: bool,
-                  external_threshold: int, log, cpu_attention: str = "auto", int8: bool = False) -> Manifest:
+                  external_threshold: int, log, cpu: tuple[str, int] = ("auto", winograd.MIN_SIDE),
+                  int8: bool = False) -> Manifest:
     height, width = _default_size(source, height, width)
     tokenizer, pad_id = check_tokenizer(source.path / "tokenizer")
     tmp = make_temp_dir(out)
@@ -164,8 +168,11 @@ def _write_bundle(source: Source, out: Path, height: int | None, width: int | No
             graphs[comp] = graph_spec(path, f"{comp}/{names.MODEL_FILE}")
             log(f"{comp}: exported and checked in {time.perf_counter() - started:.1f}s "
                 f"(relative error vs torch {errors[comp]:.2e})")
-            if comp == names.UNET and cpu_graph.wanted(cpu_attention, height, width, scale):
-                fused = cpu_graph.write_cpu_graph(*traced, path, log)
+            if comp == names.UNET and cpu_graph.wanted(cpu[0], height, width, scale):
+                import torch
+
+                at_size = [torch.from_numpy(feeds[n]) for n in in_names]  # batch 1 at the default size
+                fused = cpu_graph.write_cpu_graph(*traced, path, log, at_size, cpu[1])
                 if fused is not None:
                     errors[f"{comp} ({names.CPU_MODEL_FILE})"] = _verify_cpu_graph(comp, expected, fused, feeds)
                     cpu_graphs[comp] = f"{comp}/{names.CPU_MODEL_FILE}"
@@ -208,8 +215,7 @@ def _verify_cpu_graph(comp: str, expected: list, path: Path, feeds: dict) -> flo
     try:
         return verify.verify(comp, expected, path, feeds)
     except ExportFailed as e:
-        raise ExportFailed(f"{e} (the graph with fused attention; export with --cpu-attention plain to leave it "
-                           "out)") from None
+        raise ExportFailed(f"{e} (the U-Net's CPU graph; export with --cpu-graph never to leave it out)") from None
 
 
 def _swap_into_place(tmp: Path, out: Path, force: bool) -> None:

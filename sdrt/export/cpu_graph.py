@@ -1,4 +1,5 @@
-"""The U-Net's ONNX Runtime CPU graph: every attention one com.microsoft MultiHeadAttention node.
+"""The U-Net's ONNX Runtime CPU graph: every attention one com.microsoft MultiHeadAttention node, and the
+large 3x3 convolutions computed by Winograd's F(4x4, 3x3) (export/winograd.py).
 
 Why: the plain graph computes attention as MatMul, Softmax, MatMul, so at 512x512 each self-attention over
 4096 latent tokens writes and rereads a (2, 8, 4096, 4096) float32 score tensor (1 GiB). ONNX Runtime's
@@ -15,7 +16,8 @@ It is checked against torch like every exported graph. (onnxruntime.transformers
 packs self-attention's Q, K, V weights into a new tensor for its `Attention` operator, which breaks both.)
 
 On small latents the operator's fixed cost outweighs what it saves (measured on the embedded model, 1 thread:
-8x8 latents 20 % slower, 16x16 even, 32x32 20 % faster), hence `AUTO_MIN_TOKENS`.
+8x8 latents 20 % slower, 16x16 even, 32x32 20 % faster), hence `AUTO_MIN_TOKENS`. Which convolutions
+Winograd takes is decided by their feature-map size at the bundle's default size, found by one forward pass.
 """
 from __future__ import annotations
 
@@ -25,9 +27,9 @@ import warnings
 from pathlib import Path
 
 from ..runtime import names
-from . import trace
+from . import trace, winograd
 
-CPU_ATTENTION = ("auto", "fused", "plain")
+POLICIES = ("auto", "always", "never")  # whether the export writes this graph
 AUTO_MIN_TOKENS = 1024  # latent tokens (H/8 * W/8) at the bundle's default size from which "auto" fuses
 MAX_UNMATCHED_BYTES = 1 << 16  # the new graph may add small constants, never a copy of a weight
 
@@ -37,7 +39,7 @@ class Unsupported(Exception):
 
 
 def wanted(policy: str, height: int, width: int, scale: int = 8) -> bool:
-    return policy == "fused" or (policy == "auto" and (height // scale) * (width // scale) >= AUTO_MIN_TOKENS)
+    return policy == "always" or (policy == "auto" and (height // scale) * (width // scale) >= AUTO_MIN_TOKENS)
 
 
 def _processor():
@@ -153,14 +155,18 @@ def _share_weights(model, plain: dict) -> None:
     _rename(model, renames)
 
 
-def write_cpu_graph(module, inputs, in_names, out_names, axes, plain_graph: Path, log=print) -> Path | None:
+def write_cpu_graph(module, inputs, in_names, out_names, axes, plain_graph: Path, log=print, sizing_inputs=None,
+                    winograd_min_side: int = winograd.MIN_SIDE) -> Path | None:
     """Write model.cpu.onnx beside plain_graph (sharing its model.onnx_data); None when the model has an
-    attention this processor can't reproduce (the CPU backend then opens the plain graph)."""
+    attention this processor can't reproduce (the CPU backend then opens the plain graph). sizing_inputs: torch
+    inputs at the bundle's default size (default: the trace inputs), for choosing Winograd's convolutions."""
     import onnx
 
     try:
         with tempfile.TemporaryDirectory(dir=plain_graph.parent.parent) as scratch:
             model = _trace(module, inputs, in_names, out_names, axes, Path(scratch))
+        sizes = winograd.conv_input_sizes(module, sizing_inputs or inputs)
+        convs = winograd.rewrite(model, sizes, winograd_min_side)  # before sharing: the trace's own weight names
         _share_weights(model, _plain_weights(plain_graph))
     except Unsupported as e:
         log(f"unet: no fused-attention graph ({e}); the CPU backend uses the plain graph")
@@ -168,5 +174,6 @@ def write_cpu_graph(module, inputs, in_names, out_names, axes, plain_graph: Path
     target = plain_graph.parent / names.CPU_MODEL_FILE
     onnx.save_model(model, str(target))
     count = sum(1 for n in model.graph.node if n.op_type == "MultiHeadAttention")
-    log(f"unet: {count} attention layers fused for ONNX Runtime on the CPU ({names.CPU_MODEL_FILE})")
+    log(f"unet: {count} attention layers fused and {convs} convolutions in Winograd form for ONNX Runtime on the "
+        f"CPU ({names.CPU_MODEL_FILE})")
     return target

@@ -20,13 +20,19 @@ INT8_ERROR_LIMIT = 0.05  # relative L2 vs torch; fp32 graphs must stay under ver
 
 def write_int8_graph(source_graph: Path, log=print) -> Path:
     """unet/model.int8.onnx (+ model.int8.onnx.data) beside source_graph."""
+    import onnx
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
+    from .winograd import MARK
+
+    # Winograd's weight transforms (export/winograd.py) are MatMuls on weights too, folded at load: left fp32
+    graph = onnx.load(str(source_graph), load_external_data=False).graph
+    keep_fp32 = [node.name for node in graph.node if MARK in node.name]
     target = source_graph.parent / names.INT8_MODEL_FILE
     logging.disable(logging.WARNING)  # its advice to run its pre-processing script goes to the root logger
     try:
         quantize_dynamic(str(source_graph), str(target), weight_type=QuantType.QInt8, op_types_to_quantize=["MatMul"],
-                         per_channel=True, use_external_data_format=True)
+                         per_channel=True, use_external_data_format=True, nodes_to_exclude=keep_fp32)
     finally:
         logging.disable(logging.NOTSET)
     log(f"unet: MatMul weights quantized to int8 ({names.INT8_MODEL_FILE}, opt-in with --int8)")

@@ -66,9 +66,11 @@ class OrtEngine(Engine):
 
     def __init__(self, path: Path, name: str, threads: int | None = None,
                  overrides: dict[str, np.ndarray] | None = None):
-        """overrides: initializer name -> replacement value (LoRA-patched weights), applied before ONNX Runtime
-        optimizes the graph, so folded constants see them. ONNX Runtime's NCHWc layout pass reorders
-        convolution weights from the graph file and misses overrides (1.32), so a patched convolution turns it off."""
+        """overrides: initializer name -> replacement value (LoRA-patched weights). ONNX Runtime (1.32) builds
+        what it precomputes from a weight out of the graph file's copy and misses an override: the NCHWc layout
+        pass (convolution weights, reordered) and constant folding (the CPU graph's Winograd transforms of 3x3
+        convolution weights, export/winograd.py). So a patched convolution turns off the first, a patched 3x3
+        convolution also the second; the transforms are then computed on every call (a few % of a U-Net call)."""
         import onnxruntime as ort
 
         self.name, self.path, self.threads = name, path, threads
@@ -79,8 +81,10 @@ class OrtEngine(Engine):
         self._overrides = [ort.OrtValue.ortvalue_from_numpy(v) for v in (overrides or {}).values()]  # kept alive
         for key, value in zip(overrides or {}, self._overrides):
             opts.add_initializer(key, value)
-        conv_patched = any(np.ndim(v) == 4 for v in (overrides or {}).values())
-        extra = {"disabled_optimizers": ["NchwcTransformer"]} if conv_patched else {}
+        patched = [np.shape(v) for v in (overrides or {}).values()]
+        off = (["NchwcTransformer"] if any(len(s) == 4 for s in patched) else []) + \
+            (["ConstantFolding"] if any(s[-2:] == (3, 3) for s in patched if len(s) == 4) else [])
+        extra = {"disabled_optimizers": off} if off else {}
         try:
             self.session = ort.InferenceSession(str(path), sess_options=opts, providers=["CPUExecutionProvider"],
                                                 **extra)
