@@ -1,6 +1,6 @@
 """One U-Net call (or one VAE decode, --vae), three ways, interleaved: PyTorch eager (diffusers'
-UNet2DConditionModel, SDPA attention), ONNX Runtime on the bundle's plain graph, and on its fused-attention CPU
-graph (unet/model.cpu.onnx).
+UNet2DConditionModel, SDPA attention), ONNX Runtime on the bundle's plain graph, and on its CPU graph
+(unet/model.cpu.onnx: fused attention, Winograd convolutions).
 The U-Net alone, without the pipeline around it, so the per-call ratio is not blurred by the rest.
 
     python benchmarks/unet_step.py /tmp/sd15/bundle /tmp/sd15/model --runs 3 --json benchmarks/results/unet_step_sd15.json
@@ -63,7 +63,7 @@ def main() -> None:
         sides = {"pytorch eager": lambda: unet(*t_feeds, return_dict=False)[0].numpy()}
         engines, component, out = {"onnxruntime plain graph": m.graphs["unet"].path}, "unet", "out_sample"
         if "unet" in m.cpu_graphs:
-            engines["onnxruntime fused-attention graph"] = m.cpu_graphs["unet"]
+            engines["onnxruntime CPU graph"] = m.cpu_graphs["unet"]
     for name, rel in engines.items():
         engine = OrtEngine(args.bundle / rel, component, args.threads)
         sides[name] = lambda e=engine: e(**feeds)[out]

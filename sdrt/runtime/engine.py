@@ -62,7 +62,14 @@ def _spec(arg) -> TensorSpec:
 
 
 class OrtEngine(Engine):
-    """ONNX Runtime on the CPU execution provider."""
+    """ONNX Runtime on the CPU execution provider.
+
+    A small graph (weights up to SPLIT_MAX_WEIGHT_BYTES, e.g. the embedded model) runs a batch as pieces, one per
+    thread, each on one thread, side by side: its operators are too small for ONNX Runtime to spread one over
+    two cores (measured on the embedded U-Net, batch 2, 2 threads: 3.9 ms split vs 5.4 ms; benchmarks/NOTES.md).
+    The pieces give the same numbers as the whole batch (every graph here treats images independently)."""
+
+    SPLIT_MAX_WEIGHT_BYTES = 64 << 20
 
     def __init__(self, path: Path, name: str, threads: int | None = None,
                  overrides: dict[str, np.ndarray] | None = None):
@@ -74,30 +81,63 @@ class OrtEngine(Engine):
         import onnxruntime as ort
 
         self.name, self.path, self.threads = name, path, threads
-        opts = ort.SessionOptions()
-        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        opts.intra_op_num_threads = threads or os.cpu_count() or 1
-        opts.log_severity_level = 3  # errors only: ORT's warnings about unused initializers are noise here
-        self._overrides = [ort.OrtValue.ortvalue_from_numpy(v) for v in (overrides or {}).values()]  # kept alive
-        for key, value in zip(overrides or {}, self._overrides):
-            opts.add_initializer(key, value)
+        self._overrides = {k: ort.OrtValue.ortvalue_from_numpy(v) for k, v in (overrides or {}).items()}  # kept alive
         patched = [np.shape(v) for v in (overrides or {}).values()]
-        off = (["NchwcTransformer"] if any(len(s) == 4 for s in patched) else []) + \
+        self._disabled = (["NchwcTransformer"] if any(len(s) == 4 for s in patched) else []) + \
             (["ConstantFolding"] if any(s[-2:] == (3, 3) for s in patched if len(s) == 4) else [])
-        extra = {"disabled_optimizers": off} if off else {}
-        try:
-            self.session = ort.InferenceSession(str(path), sess_options=opts, providers=["CPUExecutionProvider"],
-                                                **extra)
-        except Exception as e:  # ORT raises its own exception types (InvalidProtobuf, Fail, ...)
-            raise BundleCorrupt(f"{name} graph {str(path)!r} could not be loaded by ONNX Runtime ({e}); "
-                                "re-export the bundle with `sdrt export`") from None
+        self.session = self._open(threads or os.cpu_count() or 1)
         self.inputs = {a.name: _spec(a) for a in self.session.get_inputs()}
         self.outputs = {a.name: _spec(a) for a in self.session.get_outputs()}
         self._output_names = list(self.outputs)
+        # Split only where every input and output leads with the same named dynamic dimension (the batch).
+        leading = {spec.shape[0] if spec.shape else None for spec in [*self.inputs.values(), *self.outputs.values()]}
+        named_batch = len(leading) == 1 and isinstance(name_ := leading.pop(), str) and name_ != "?"
+        small = _weight_bytes(path) <= self.SPLIT_MAX_WEIGHT_BYTES
+        self._pieces = (threads or os.cpu_count() or 1) if named_batch and small else 1
+        self._one_thread = self._pool = None  # opened at the first batch that is split
+
+    def _open(self, threads: int):
+        import onnxruntime as ort
+
+        opts = ort.SessionOptions()
+        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        opts.intra_op_num_threads = threads
+        opts.log_severity_level = 3  # errors only: ORT's warnings about unused initializers are noise here
+        for key, value in self._overrides.items():
+            opts.add_initializer(key, value)
+        extra = {"disabled_optimizers": self._disabled} if self._disabled else {}
+        try:
+            return ort.InferenceSession(str(self.path), sess_options=opts, providers=["CPUExecutionProvider"],
+                                        **extra)
+        except Exception as e:  # ORT raises its own exception types (InvalidProtobuf, Fail, ...)
+            raise BundleCorrupt(f"{self.name} graph {str(self.path)!r} could not be loaded by ONNX Runtime ({e}); "
+                                "re-export the bundle with `sdrt export`") from None
 
     def _run(self, feeds):
+        if self._pieces > 1:
+            batch = {v.shape[0] for v in feeds.values()}
+            if len(batch) == 1 and (size := batch.pop()) > 1:
+                return self._run_split(feeds, min(self._pieces, size))
+        return dict(zip(self._output_names, self._session_run(self.session, feeds)))
+
+    def _run_split(self, feeds, pieces: int):
+        from concurrent.futures import ThreadPoolExecutor
+
+        if self._one_thread is None:
+            self._one_thread, self._pool = self._open(1), ThreadPoolExecutor(self._pieces, thread_name_prefix="sdrt-ort")
+        bounds = np.linspace(0, next(iter(feeds.values())).shape[0], pieces + 1).astype(int)
+        parts = [{k: v[a:b] for k, v in feeds.items()} for a, b in zip(bounds[:-1], bounds[1:])]
+        results = list(self._pool.map(lambda part: self._session_run(self._one_thread, part), parts))
+        return {name: np.concatenate([r[i] for r in results]) for i, name in enumerate(self._output_names)}
+
+    def _session_run(self, session, feeds) -> list:
         try:
-            results = self.session.run(self._output_names, feeds)
+            return session.run(self._output_names, feeds)
         except Exception as e:
             raise EngineError(f"{self.name} failed in ONNX Runtime: {e}") from None
-        return dict(zip(self._output_names, results))
+
+
+def _weight_bytes(path: Path) -> int:
+    """The graph file plus the external-data files beside it (shared ones counted too: an upper bound)."""
+    return sum(p.stat().st_size for p in [path, *path.parent.glob("*.onnx_data"), *path.parent.glob("*.data")]
+               if p.is_file())
