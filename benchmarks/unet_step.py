@@ -55,8 +55,10 @@ def main() -> None:
         vae = AutoencoderKL.from_pretrained(args.src / "vae", torch_dtype=torch.float32).eval()
         z = rng.standard_normal((1, m.latent_channels, h, w), dtype=np.float32)
         sides = {"pytorch eager": lambda: vae.decode(torch.from_numpy(z), return_dict=False)[0].numpy()}
-        engines, component, feeds, out = {"onnxruntime graph": m.graphs["vae_decoder"].path}, "vae_decoder", \
+        engines, component, feeds, out = {"onnxruntime plain graph": m.graphs["vae_decoder"].path}, "vae_decoder", \
             {"latent_sample": z}, "sample"
+        if "vae_decoder" in m.cpu_graphs:
+            engines["onnxruntime CPU graph"] = m.cpu_graphs["vae_decoder"]
     else:
         unet = UNet2DConditionModel.from_pretrained(args.src / "unet", torch_dtype=torch.float32).eval()
         t_feeds = [torch.from_numpy(feeds[k]) for k in ("sample", "timestep", "encoder_hidden_states")]

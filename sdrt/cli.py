@@ -292,8 +292,8 @@ def info(bundle: Path = typer.Argument(..., help="A bundle folder."),
         ins = ", ".join(f"{t.name} {t.dtype}{list(t.shape)}" for t in g.inputs) or "read from the graph"
         typer.echo(f"{comp:<13}{g.path}: {ins}")
         if comp in m.cpu_graphs:
-            typer.echo(f"{'':<13}{m.cpu_graphs[comp]}: the same with fused attention and Winograd "
-                       "convolutions, for ONNX Runtime on the CPU")
+            what = "fused attention and Winograd convolutions" if comp == "unet" else "Winograd convolutions"
+            typer.echo(f"{'':<13}{m.cpu_graphs[comp]}: the same with {what}, for ONNX Runtime on the CPU")
         if comp in m.int8_graphs:
             typer.echo(f"{'':<13}{m.int8_graphs[comp]}: the same with int8 MatMuls (--int8)")
     typer.echo("samplers     " + ", ".join(f"{c.name} ({c.label})" for c in SAMPLERS.values()))

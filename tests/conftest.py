@@ -14,7 +14,7 @@ from tiny_models import build_model  # noqa: E402
 FAMILIES = ("sd1", "sd2")
 # SD1's U-Net runs through the CPU graph (fused attention, and Winograd on every eligible convolution however
 # small: the test model's feature maps are 8x8 and 4x4), SD2's through the plain one.
-SD1_CPU_GRAPH = {"cpu_graph_policy": "always", "winograd_min_side": 1}
+SD1_CPU_GRAPH = {"cpu_graph_policy": "always", "winograd_rule": "all"}
 
 
 @pytest.fixture(scope="session")

@@ -137,7 +137,7 @@ def test_graph_swapped_for_another_with_rehashed_manifest(bundle, rel):
 
 
 def test_unreadable_graph_with_matching_hash(bundle):
-    _replace_and_rehash(bundle, "vae_decoder/model.onnx", b"not a protobuf")
+    _replace_and_rehash(bundle, "vae_decoder/model.cpu.onnx", b"not a protobuf")
     with pytest.raises(BundleCorrupt, match="vae_decoder graph .* could not be loaded by ONNX Runtime"):
         sdrt.Pipeline.load(bundle)
 

@@ -22,7 +22,7 @@ def test_every_attention_is_one_operator_and_the_weights_are_shared(models, bund
 
     b = bundles["sd1"]
     manifest = json.loads((b / "sdrt.json").read_text())
-    assert manifest["cpu_graphs"] == {"unet": "unet/model.cpu.onnx"}
+    assert manifest["cpu_graphs"] == {"unet": "unet/model.cpu.onnx", "vae_decoder": "vae_decoder/model.cpu.onnx"}
     assert "unet/model.cpu.onnx" in manifest["files"] and "unet (model.cpu.onnx)" in manifest["verification"]["errors"]
     graph = onnx.load(str(b / "unet" / "model.cpu.onnx"), load_external_data=False)
     unet = UNet2DConditionModel.from_pretrained(models["sd1"] / "unet")
@@ -47,9 +47,22 @@ def plain_bundle(models, tmp_path_factory):
     return out
 
 
+def test_the_vae_decoders_cpu_graph_is_the_plain_one_with_winograd_convolutions(bundles):
+    folder = bundles["sd1"] / "vae_decoder"
+    assert sorted(p.name for p in folder.iterdir() if "onnx" in p.name) == \
+        ["model.cpu.onnx", "model.onnx", "model.onnx_data"]
+    plain = onnx.load(str(folder / "model.onnx"), load_external_data=False)
+    fast = onnx.load(str(folder / "model.cpu.onnx"), load_external_data=False)
+    convs = lambda g: sum(n.op_type == "Conv" and "/wino/" not in n.name for n in g.graph.node)
+    rewritten = sum(n.op_type == "ConvTranspose" for n in fast.graph.node)
+    assert rewritten > 0 and convs(fast) == convs(plain) - rewritten
+    external = [t for t in fast.graph.initializer if t.data_location == onnx.TensorProto.EXTERNAL]
+    assert external and {e.value for t in external for e in t.external_data if e.key == "location"} == {"model.onnx_data"}
+
+
 def test_the_cpu_backend_opens_it_and_draws_what_the_plain_graph_draws(bundles, plain_bundle):
     fused = sdrt.Pipeline.load(bundles["sd1"])
-    assert fused.engines["unet"].path.name == "model.cpu.onnx"
+    assert fused.engines["unet"].path.name == fused.engines["vae_decoder"].path.name == "model.cpu.onnx"
     plain = sdrt.Pipeline.load(plain_bundle)
     assert plain.engines["unet"].path.name == "model.onnx" and plain.manifest.cpu_graphs == {}
     lat = latents(2, seed=3)

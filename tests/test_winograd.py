@@ -37,7 +37,7 @@ def run(model, tmp_path, name: str, x: np.ndarray, overrides=None) -> np.ndarray
 def test_it_matches_the_direct_convolution_at_any_size(tmp_path, h, w):
     direct = conv_model(24, 40)
     fast = onnx.ModelProto.FromString(direct.SerializeToString())
-    assert winograd.rewrite(fast, {"m.conv.weight": (h, w)}, min_side=1) == 1
+    assert winograd.rewrite(fast, {"m.conv.weight": (h, w)}, rule="all") == 1
     ops = [n.op_type for n in fast.graph.node]
     assert "Conv" in ops and ops.count("MatMul") == 3 and "ConvTranspose" in ops  # the depthwise transforms
     x = RNG.standard_normal((2, 24, h, w)).astype(np.float32)
@@ -49,7 +49,7 @@ def test_it_matches_the_direct_convolution_at_any_size(tmp_path, h, w):
 def test_a_weight_override_reaches_the_folded_transform(tmp_path):
     direct = conv_model(16, 16)
     fast = onnx.ModelProto.FromString(direct.SerializeToString())
-    winograd.rewrite(fast, {"m.conv.weight": (16, 16)}, min_side=1)
+    winograd.rewrite(fast, {"m.conv.weight": (16, 16)}, rule="all")
     patched = {"m.conv.weight": RNG.standard_normal((16, 16, 3, 3)).astype(np.float32)}
     x = RNG.standard_normal((1, 16, 16, 16)).astype(np.float32)
     want = run(direct, tmp_path, "direct", x, patched)
@@ -58,18 +58,23 @@ def test_a_weight_override_reaches_the_folded_transform(tmp_path):
     assert np.abs(got - run(fast, tmp_path, "fast", x)).max() > 0.1  # the override did change the output
 
 
-@pytest.mark.parametrize("why,model,side", [
-    ("below the size floor", conv_model(16, 16), (16, 16)),
-    ("strided", conv_model(16, 16, strides=[2, 2]), (64, 64)),
-    ("1x1 kernel", conv_model(16, 16, kernel=1, pads=[0, 0, 0, 0]), (64, 64)),
-    ("grouped", conv_model(8, 16, group=2), (64, 64)),
-    ("few input channels (conv_in)", conv_model(4, 16), (64, 64)),
-    ("size unknown", conv_model(16, 16), None),
+@pytest.mark.parametrize("why,model,side,rule", [
+    ("feature map below auto's 32x32", conv_model(320, 16), (16, 16), "auto"),
+    ("fewer than auto's 256 input channels", conv_model(128, 16), (64, 64), "auto"),
+    ("strided", conv_model(16, 16, strides=[2, 2]), (64, 64), "all"),
+    ("1x1 kernel", conv_model(16, 16, kernel=1, pads=[0, 0, 0, 0]), (64, 64), "all"),
+    ("grouped", conv_model(32, 16, group=2), (64, 64), "all"),
+    ("4 input channels (conv_in)", conv_model(4, 16), (64, 64), "all"),
+    ("size unknown", conv_model(16, 16), None, "all"),
 ])
-def test_other_convolutions_are_left_alone(why, model, side):
+def test_other_convolutions_are_left_alone(why, model, side, rule):
     sizes = {} if side is None else {"m.conv.weight": side}
-    assert winograd.rewrite(model, sizes, min_side=32) == 0, why
+    assert winograd.rewrite(model, sizes, rule) == 0, why
     assert [n.op_type for n in model.graph.node] == ["Conv"]
+
+
+def test_auto_takes_many_channels_on_large_maps():
+    assert winograd.rewrite(conv_model(320, 16), {"m.conv.weight": (32, 32)}) == 1
 
 
 def test_the_tables_are_lavins_f4x4_3x3():

@@ -20,7 +20,7 @@ from ..runtime import names, request
 from ..runtime.fsutil import atomic_write_bytes, fsync_dir, make_temp_dir, relax_permissions, sha256_file
 from ..runtime.manifest import GraphSpec, Manifest, TensorSpec
 from ..runtime.tokenizer import ClipTokenizer, load_tokenizer_files
-from . import cpu_graph, trace, verify, winograd
+from . import cpu_graph, trace, verify
 from . import int8 as int8_mod
 from .source import Source, load_source
 
@@ -129,12 +129,13 @@ def export_bundle(src: Path, out: Path, height: int | None = None, width: int | 
                   allow_pickle: bool = False, force: bool = False,
                   external_threshold: int = trace.EXTERNAL_DATA_THRESHOLD, log=print,
                   family: str | None = None, cpu_graph_policy: str = "auto", int8: bool = False,
-                  winograd_min_side: int = winograd.MIN_SIDE) -> Manifest:
+                  winograd_rule: str = "auto") -> Manifest:
     """src: a diffusers model folder, or a single-file checkpoint (family: sd1, sd2, sd2-v; default detected).
-    cpu_graph_policy: "auto", "always" or "never": whether to add the U-Net graph (fused attention, Winograd
-    convolutions) that the ONNX Runtime CPU backend opens (export/cpu_graph.py; "auto" from 256x256 images up).
-    winograd_min_side: the smallest feature map (at the default size) whose 3x3 convolutions that graph computes
-    by Winograd. int8: also write the opt-in int8 U-Net (export/int8.py)."""
+    cpu_graph_policy: "auto", "always" or "never": whether to add the graphs that the ONNX Runtime CPU backend
+    opens instead of the plain ones (export/cpu_graph.py; "auto" from 256x256 images up): the U-Net's (fused
+    attention, Winograd convolutions) and the VAE decoder's (Winograd convolutions). winograd_rule: which 3x3
+    convolutions those graphs compute by Winograd (a key of export/winograd.py's RULES). int8: also write the
+    opt-in int8 U-Net (export/int8.py)."""
     if cpu_graph_policy not in cpu_graph.POLICIES:
         raise InvalidRequest(f"cpu graph policy {cpu_graph_policy!r} is not one of {', '.join(cpu_graph.POLICIES)}")
     out = Path(out).expanduser().resolve()
@@ -142,13 +143,13 @@ def export_bundle(src: Path, out: Path, height: int | None = None, width: int | 
     source = load_source(Path(src), allow_pickle, family)
     try:
         return _write_bundle(source, out, height, width, force, external_threshold, log,
-                             (cpu_graph_policy, winograd_min_side), int8)
+                             (cpu_graph_policy, winograd_rule), int8)
     finally:
         source.close()  # a single-file checkpoint's temporary config folder
 
 
 def _write_bundle(source: Source, out: Path, height: int | None, width: int | None, force: bool,
-                  external_threshold: int, log, cpu: tuple[str, int] = ("auto", winograd.MIN_SIDE),
+                  external_threshold: int, log, cpu: tuple[str, str] = ("auto", "auto"),
                   int8: bool = False) -> Manifest:
     height, width = _default_size(source, height, width)
     tokenizer, pad_id = check_tokenizer(source.path / "tokenizer")
@@ -157,24 +158,23 @@ def _write_bundle(source: Source, out: Path, height: int | None, width: int | No
         graphs, errors, cpu_graphs, int8_graphs = {}, {}, {}, {}
         ids = tokenizer(["a photo of a cat"])  # (1, 77): the text encoder's check input
         scale = 2 ** (len(source.vae.config.block_out_channels) - 1)  # image pixels per latent pixel
+        want_cpu = cpu_graph.wanted(cpu[0], height, width, scale)
         for comp, traced in trace.components(source).items():
             module, inputs, in_names, out_names, axes = traced
             started = time.perf_counter()
             path = trace.export_onnx(module, inputs, in_names, out_names, axes, tmp / comp, external_threshold,
-                                     lora_targets=comp in names.LORA_COMPONENTS)
+                                     lora_targets=comp in names.LORA_COMPONENTS,
+                                     external=want_cpu and comp == names.VAE_DECODER)
             feeds = verify.check_inputs(source, comp, height, width, ids)
             expected = verify.expected_outputs(source, comp, module, feeds, ids)
             errors[comp] = verify.verify(comp, expected, path, feeds)
             graphs[comp] = graph_spec(path, f"{comp}/{names.MODEL_FILE}")
             log(f"{comp}: exported and checked in {time.perf_counter() - started:.1f}s "
                 f"(relative error vs torch {errors[comp]:.2e})")
-            if comp == names.UNET and cpu_graph.wanted(cpu[0], height, width, scale):
-                import torch
-
-                at_size = [torch.from_numpy(feeds[n]) for n in in_names]  # batch 1 at the default size
-                fused = cpu_graph.write_cpu_graph(*traced, path, log, at_size, cpu[1])
-                if fused is not None:
-                    errors[f"{comp} ({names.CPU_MODEL_FILE})"] = _verify_cpu_graph(comp, expected, fused, feeds)
+            if want_cpu and comp in (names.UNET, names.VAE_DECODER):
+                fast = _write_cpu_graph(comp, traced, path, feeds, cpu[1], log)
+                if fast is not None:
+                    errors[f"{comp} ({names.CPU_MODEL_FILE})"] = _verify_cpu_graph(comp, expected, fast, feeds)
                     cpu_graphs[comp] = f"{comp}/{names.CPU_MODEL_FILE}"
             if comp == names.UNET and int8:  # from the fused-attention graph when there is one
                 base = tmp / cpu_graphs.get(comp, f"{comp}/{names.MODEL_FILE}")
@@ -211,11 +211,22 @@ def _write_bundle(source: Source, out: Path, height: int | None, width: int | No
     return manifest
 
 
+def _write_cpu_graph(comp: str, traced, path: Path, feeds: dict, rule: str, log) -> Path | None:
+    """The U-Net's CPU graph (fused attention, Winograd) or the VAE decoder's (Winograd); see cpu_graph.py."""
+    import torch
+
+    module, _, in_names, _, _ = traced
+    at_size = [torch.from_numpy(feeds[n]) for n in in_names]  # batch 1 at the default size
+    if comp == names.UNET:
+        return cpu_graph.write_cpu_graph(*traced, path, log, at_size, rule)
+    return cpu_graph.write_winograd_graph(module, at_size, path, comp, log, rule)
+
+
 def _verify_cpu_graph(comp: str, expected: list, path: Path, feeds: dict) -> float:
     try:
         return verify.verify(comp, expected, path, feeds)
     except ExportFailed as e:
-        raise ExportFailed(f"{e} (the U-Net's CPU graph; export with --cpu-graph never to leave it out)") from None
+        raise ExportFailed(f"{e} (the {comp} CPU graph; export with --cpu-graph never to leave it out)") from None
 
 
 def _swap_into_place(tmp: Path, out: Path, force: bool) -> None:

@@ -156,7 +156,7 @@ def _share_weights(model, plain: dict) -> None:
 
 
 def write_cpu_graph(module, inputs, in_names, out_names, axes, plain_graph: Path, log=print, sizing_inputs=None,
-                    winograd_min_side: int = winograd.MIN_SIDE) -> Path | None:
+                    winograd_rule: str = "auto") -> Path | None:
     """Write model.cpu.onnx beside plain_graph (sharing its model.onnx_data); None when the model has an
     attention this processor can't reproduce (the CPU backend then opens the plain graph). sizing_inputs: torch
     inputs at the bundle's default size (default: the trace inputs), for choosing Winograd's convolutions."""
@@ -166,7 +166,7 @@ def write_cpu_graph(module, inputs, in_names, out_names, axes, plain_graph: Path
         with tempfile.TemporaryDirectory(dir=plain_graph.parent.parent) as scratch:
             model = _trace(module, inputs, in_names, out_names, axes, Path(scratch))
         sizes = winograd.conv_input_sizes(module, sizing_inputs or inputs)
-        convs = winograd.rewrite(model, sizes, winograd_min_side)  # before sharing: the trace's own weight names
+        convs = winograd.rewrite(model, sizes, winograd_rule)  # before sharing: the trace's own weight names
         _share_weights(model, _plain_weights(plain_graph))
     except Unsupported as e:
         log(f"unet: no fused-attention graph ({e}); the CPU backend uses the plain graph")
@@ -176,4 +176,20 @@ def write_cpu_graph(module, inputs, in_names, out_names, axes, plain_graph: Path
     count = sum(1 for n in model.graph.node if n.op_type == "MultiHeadAttention")
     log(f"unet: {count} attention layers fused and {convs} convolutions in Winograd form for ONNX Runtime on the "
         f"CPU ({names.CPU_MODEL_FILE})")
+    return target
+
+
+def write_winograd_graph(module, sizing_inputs, plain_graph: Path, comp: str, log=print,
+                         winograd_rule: str = "auto") -> Path | None:
+    """model.cpu.onnx beside plain_graph: the same graph with its large 3x3 convolutions in Winograd form (the VAE
+    decoder's), reading the same model.onnx_data; None when no convolution qualifies."""
+    import onnx
+
+    model = onnx.load(str(plain_graph), load_external_data=False)
+    convs = winograd.rewrite(model, winograd.conv_input_sizes(module, sizing_inputs), winograd_rule)
+    if not convs:
+        return None
+    target = plain_graph.parent / names.CPU_MODEL_FILE
+    onnx.save_model(model, str(target))
+    log(f"{comp}: {convs} convolutions in Winograd form for ONNX Runtime on the CPU ({names.CPU_MODEL_FILE})")
     return target

@@ -123,9 +123,11 @@ def components(source) -> dict:
 
 
 def export_onnx(module, inputs, input_names, output_names, dynamic_axes, out_dir: Path,
-                external_threshold: int = EXTERNAL_DATA_THRESHOLD, lora_targets: bool = False) -> Path:
+                external_threshold: int = EXTERNAL_DATA_THRESHOLD, lora_targets: bool = False,
+                external: bool = False) -> Path:
     """Trace `module` to out_dir/model.onnx; weights over the threshold go to one model.onnx_data beside it.
-    `lora_targets`: always keep the weights in model.onnx_data and write lora_map.json (see weight_map.py)."""
+    `lora_targets`: always keep the weights in model.onnx_data and write lora_map.json (see weight_map.py).
+    `external`: always keep them there (a CPU graph beside it reads them too)."""
     import onnx
     import torch
 
@@ -141,7 +143,7 @@ def export_onnx(module, inputs, input_names, output_names, dynamic_axes, out_dir
     size = sum(len(t.raw_data) for t in model.graph.initializer)
     target = out_dir / names.MODEL_FILE
     digests = weight_map.initializer_digests(model) if lora_targets else {}
-    if size > external_threshold or lora_targets:
+    if size > external_threshold or lora_targets or external:
         onnx.save_model(model, str(target), save_as_external_data=True, all_tensors_to_one_file=True,
                         location=names.EXTERNAL_DATA_FILE, size_threshold=0 if lora_targets else 1024)
     else:

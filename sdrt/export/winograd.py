@@ -6,8 +6,9 @@ interpolation points 0, 1, -1, 2, -2 and infinity; the matrices below are theirs
 Why: at 512x512 the U-Net's 3x3 convolutions are over 40 % of a step on the CPU, and ONNX Runtime already runs
 them near this CPU's fp32 peak. F(4x4, 3x3) computes each 4x4 output tile from a 6x6 input tile with 36
 multiplications per (input, output) channel pair instead of 144: the GEMMs shrink 4x, paid for by transforms
-that read and write the activations a few more times. That trade wins on large feature maps only (tiles are
-the GEMM's columns), hence `MIN_SIDE`. Rounding differs from a direct convolution by about 1e-5 relative.
+that read and write the activations a few more times. That trade wins where there are many channels per
+pixel (the GEMMs' depth) and many tiles (their width), hence `RULES`. Rounding differs from a direct convolution
+by about 1e-5 relative.
 
 How, as plain ONNX operators (so ONNX Runtime folds the weight transform once, at load, and LoRA overrides of
 the weight flow through it), each eligible Conv(x, w, b) with x (B, C, H, W) becomes
@@ -21,8 +22,12 @@ from __future__ import annotations
 
 import numpy as np
 
-MIN_SIDE = 32  # smallest feature-map side (at the bundle's default size) rewritten; measured in NOTES.md
-MIN_CHANNELS = 16  # conv_in (4 latent channels) gains nothing
+# Which convolutions: (smallest feature-map side at the bundle's default size, fewest input channels).
+# "auto" from measurements (benchmarks/NOTES.md, section 7; one conv, 2 threads, Winograd / direct): 320 channels
+# at 64x64 0.6, 512 at 128x128 0.44, 256 at 256x256 0.89, 128 at 512x512 1.18, and the whole SD 1.5 U-Net no
+# faster with its 16x16 level than without. "all": every 3x3 convolution the rewrite can take (the tests' tiny
+# models), but never conv_in's 4 latent channels.
+RULES = {"auto": (32, 256), "all": (1, 16)}
 MARK = "/wino/"  # in the name of every node this pass writes
 
 G = np.array([[1 / 4, 0, 0], [-1 / 6, -1 / 6, -1 / 6], [-1 / 6, 1 / 6, -1 / 6],
@@ -57,19 +62,20 @@ def conv_input_sizes(module, inputs) -> dict[str, tuple[int, int]]:
     return sizes
 
 
-def _eligible(node, shapes: dict[str, tuple], sizes: dict[str, tuple[int, int]], min_side: int) -> bool:
+def _eligible(node, shapes: dict[str, tuple], sizes: dict[str, tuple[int, int]], rule: tuple[int, int]) -> bool:
     attrs = {a.name: (list(a.ints) or a.i) for a in node.attribute}
     weight = node.input[1] if len(node.input) > 1 else ""
     shape = shapes.get(weight)
     return (node.op_type == "Conv" and shape is not None and len(shape) == 4 and tuple(shape[2:]) == (3, 3)
-            and shape[1] >= MIN_CHANNELS and attrs.get("group", 1) == 1
+            and shape[1] >= rule[1] and attrs.get("group", 1) == 1
             and attrs.get("strides", [1, 1]) == [1, 1] and attrs.get("dilations", [1, 1]) == [1, 1]
             and attrs.get("pads", [0] * 4) == [1, 1, 1, 1] and attrs.get("auto_pad", b"NOTSET") in (b"NOTSET", 0)
-            and weight in sizes and min(sizes[weight]) >= min_side)
+            and weight in sizes and min(sizes[weight]) >= rule[0])
 
 
-def rewrite(model, sizes: dict[str, tuple[int, int]], min_side: int = MIN_SIDE) -> int:
-    """Replace the eligible Conv nodes of model (an onnx ModelProto, opset >= 15) in place; returns how many."""
+def rewrite(model, sizes: dict[str, tuple[int, int]], rule: str = "auto") -> int:
+    """Replace the eligible Conv nodes of model (an onnx ModelProto, opset >= 15) in place; returns how many.
+    sizes: conv_input_sizes() at the bundle's default size; rule: a key of RULES."""
     from onnx import helper, numpy_helper
 
     shapes = {t.name: tuple(t.dims) for t in model.graph.initializer}
@@ -78,7 +84,7 @@ def rewrite(model, sizes: dict[str, tuple[int, int]], min_side: int = MIN_SIDE) 
               "wino/zeros2": np.zeros(2, np.int64)}
     new_nodes, count = [], 0
     for node in model.graph.node:
-        if not _eligible(node, shapes, sizes, min_side):
+        if not _eligible(node, shapes, sizes, RULES[rule]):
             new_nodes.append(node)
             continue
         count += 1
