@@ -33,7 +33,7 @@ def test_a_split_batch_equals_the_whole_batch_bit_for_bit(batch):
     feeds = unet_inputs(batch)
     got, want = split(**feeds)["out_sample"], whole(**feeds)["out_sample"]
     assert got.shape == (batch, 4, 8, 8) and np.array_equal(got, want)
-    assert split._one_thread is not None and whole._one_thread is None
+    assert split._pool is not None and whole._pool is None
 
 
 def test_batch_one_and_one_thread_run_whole():
@@ -41,12 +41,17 @@ def test_batch_one_and_one_thread_run_whole():
     assert one_thread._pieces == 1
     two = OrtEngine(unet_path(), "unet", threads=2)
     two(**unet_inputs(1))
-    assert two._one_thread is None  # nothing to split: no second session opened
+    assert two._pool is None  # nothing to split
 
 
-def test_large_graphs_run_whole(monkeypatch):
+def test_large_graphs_run_whole_on_every_thread(monkeypatch):
     monkeypatch.setattr(OrtEngine, "SPLIT_MAX_WEIGHT_BYTES", 1000)
-    assert OrtEngine(unet_path(), "unet", threads=2)._pieces == 1
+    engine = OrtEngine(unet_path(), "unet", threads=2)
+    assert engine._pieces == 1 and engine.session.get_session_options().intra_op_num_threads == 2
+
+
+def test_small_graphs_run_each_call_on_one_thread():
+    assert OrtEngine(unet_path(), "unet", threads=2).session.get_session_options().intra_op_num_threads == 1
 
 
 def test_inputs_whose_batches_disagree_are_not_split_and_fail_typed():
@@ -54,7 +59,7 @@ def test_inputs_whose_batches_disagree_are_not_split_and_fail_typed():
     feeds = unet_inputs(2) | {"timestep": np.full(3, 321.0, np.float32)}
     with pytest.raises(EngineError, match="unet failed in ONNX Runtime"):
         engine(**feeds)
-    assert engine._one_thread is None
+    assert engine._pool is None
 
 
 def test_a_failure_inside_a_piece_is_the_engines_error():
@@ -63,4 +68,4 @@ def test_a_failure_inside_a_piece_is_the_engines_error():
     feeds = unet_inputs(2) | {"encoder_hidden_states": np.zeros((2, 77, 31), np.float32)}  # 31 != 32 features
     with pytest.raises(EngineError, match="unet failed in ONNX Runtime"):
         engine._run(feeds)
-    assert engine._one_thread is not None  # it was split
+    assert engine._pool is not None  # it was split

@@ -64,10 +64,11 @@ def _spec(arg) -> TensorSpec:
 class OrtEngine(Engine):
     """ONNX Runtime on the CPU execution provider.
 
-    A small graph (weights up to SPLIT_MAX_WEIGHT_BYTES, e.g. the embedded model) runs a batch as pieces, one per
-    thread, each on one thread, side by side: its operators are too small for ONNX Runtime to spread one over
-    two cores (measured on the embedded U-Net, batch 2, 2 threads: 3.9 ms split vs 5.4 ms; benchmarks/NOTES.md).
-    The pieces give the same numbers as the whole batch (every graph here treats images independently)."""
+    A small graph (weights up to SPLIT_MAX_WEIGHT_BYTES, e.g. the embedded model) runs on one thread per call:
+    its operators are too small for ONNX Runtime to spread one over two cores (the embedded U-Net, batch 2, is
+    slower on 2 threads than on 1). A batch is split into one piece per thread instead, the calling thread
+    running the last: the same numbers as the whole batch (every graph here treats images independently).
+    Measured in benchmarks/NOTES.md, section 8."""
 
     SPLIT_MAX_WEIGHT_BYTES = 64 << 20
 
@@ -85,16 +86,17 @@ class OrtEngine(Engine):
         patched = [np.shape(v) for v in (overrides or {}).values()]
         self._disabled = (["NchwcTransformer"] if any(len(s) == 4 for s in patched) else []) + \
             (["ConstantFolding"] if any(s[-2:] == (3, 3) for s in patched if len(s) == 4) else [])
-        self.session = self._open(threads or os.cpu_count() or 1)
+        threads = threads or os.cpu_count() or 1
+        small = _weight_bytes(path) <= self.SPLIT_MAX_WEIGHT_BYTES
+        self.session = self._open(1 if small else threads)
         self.inputs = {a.name: _spec(a) for a in self.session.get_inputs()}
         self.outputs = {a.name: _spec(a) for a in self.session.get_outputs()}
         self._output_names = list(self.outputs)
         # Split only where every input and output leads with the same named dynamic dimension (the batch).
         leading = {spec.shape[0] if spec.shape else None for spec in [*self.inputs.values(), *self.outputs.values()]}
         named_batch = len(leading) == 1 and isinstance(name_ := leading.pop(), str) and name_ != "?"
-        small = _weight_bytes(path) <= self.SPLIT_MAX_WEIGHT_BYTES
-        self._pieces = (threads or os.cpu_count() or 1) if named_batch and small else 1
-        self._one_thread = self._pool = None  # opened at the first batch that is split
+        self._pieces = threads if small and named_batch else 1
+        self._pool = None  # started at the first batch that is split
 
     def _open(self, threads: int):
         import onnxruntime as ort
@@ -123,11 +125,13 @@ class OrtEngine(Engine):
     def _run_split(self, feeds, pieces: int):
         from concurrent.futures import ThreadPoolExecutor
 
-        if self._one_thread is None:
-            self._one_thread, self._pool = self._open(1), ThreadPoolExecutor(self._pieces, thread_name_prefix="sdrt-ort")
+        if self._pool is None:
+            self._pool = ThreadPoolExecutor(self._pieces - 1, thread_name_prefix="sdrt-ort")
         bounds = np.linspace(0, next(iter(feeds.values())).shape[0], pieces + 1).astype(int)
         parts = [{k: v[a:b] for k, v in feeds.items()} for a, b in zip(bounds[:-1], bounds[1:])]
-        results = list(self._pool.map(lambda part: self._session_run(self._one_thread, part), parts))
+        others = [self._pool.submit(self._session_run, self.session, part) for part in parts[:-1]]
+        last = self._session_run(self.session, parts[-1])  # ONNX Runtime lets go of the GIL while it runs
+        results = [f.result() for f in others] + [last]
         return {name: np.concatenate([r[i] for r in results]) for i, name in enumerate(self._output_names)}
 
     def _session_run(self, session, feeds) -> list:
