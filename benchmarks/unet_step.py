@@ -35,6 +35,8 @@ def main() -> None:
     ap.add_argument("--runs", type=int, default=3)
     ap.add_argument("--threads", type=int, default=os.cpu_count())
     ap.add_argument("--vae", action="store_true", help="time the VAE decoder instead (torch vae.decode vs the graph)")
+    ap.add_argument("--no-plain", action="store_true", help="leave the plain graph out (at 768x768 PyTorch and both "
+                    "graphs together need more than this machine's 24 GiB: the plain graph's attention alone peaks at 10 GB)")
     ap.add_argument("--json", type=Path)
     args = ap.parse_args()
     import torch
@@ -66,6 +68,8 @@ def main() -> None:
         engines, component, out = {"onnxruntime plain graph": m.graphs["unet"].path}, "unet", "out_sample"
         if "unet" in m.cpu_graphs:
             engines["onnxruntime CPU graph"] = m.cpu_graphs["unet"]
+    if args.no_plain and len(engines) > 1:
+        del engines[next(iter(engines))]  # the plain graph comes first
     for name, rel in engines.items():
         engine = OrtEngine(args.bundle / rel, component, args.threads)
         sides[name] = lambda e=engine: e(**feeds)[out]

@@ -84,8 +84,9 @@ def export(
     force: bool = typer.Option(False, "--force", help="Replace an existing bundle at --out."),
     family: Optional[str] = typer.Option(None, "--family", help="Single-file checkpoints: sd1, sd2 (512, epsilon) "
                                          "or sd2-v (768, v-prediction); default: read from the weights."),
-    cpu_graph: str = typer.Option("auto", "--cpu-graph", help="auto, always or never: add a U-Net graph for ONNX "
-                                  "Runtime on the CPU (fused attention, Winograd convolutions; auto: from 256x256 up)."),
+    cpu_graph: str = typer.Option("auto", "--cpu-graph", help="auto, always or never: add U-Net and VAE decoder "
+                                  "graphs for ONNX Runtime on the CPU (fused attention, Winograd convolutions; auto: "
+                                  "from 256x256 up)."),
     int8: bool = typer.Option(False, "--int8", help="Also write a U-Net with int8 MatMuls (opt-in at generation "
                               "with --int8)."),
 ):

@@ -1,4 +1,4 @@
-"""Winograd F(4x4, 3x3) for the U-Net's large 3x3 convolutions, in the ONNX Runtime CPU graph.
+"""Winograd F(4x4, 3x3) for large 3x3 convolutions, in the ONNX Runtime CPU graphs (U-Net, VAE decoder).
 
 Reference: Lavin and Gray, "Fast Algorithms for Convolutional Neural Networks" (CVPR 2016), F(4x4, 3x3) with
 interpolation points 0, 1, -1, 2, -2 and infinity; the matrices below are theirs.
@@ -10,8 +10,10 @@ that read and write the activations a few more times. That trade wins where ther
 pixel (the GEMMs' depth) and many tiles (their width), hence `RULES`. Rounding differs from a direct convolution
 by about 1e-5 relative.
 
-How, as plain ONNX operators (so ONNX Runtime folds the weight transform once, at load, and LoRA overrides of
-the weight flow through it), each eligible Conv(x, w, b) with x (B, C, H, W) becomes
+How, as plain ONNX operators (the weight transform is a constant subgraph of the original weight: ONNX Runtime
+folds it once, at load, and the graph keeps the weight's name for LoRA; runtime/engine.py turns that folding off
+under a LoRA on a 3x3 convolution, which ONNX Runtime would miss), each eligible Conv(x, w, b) with x
+(B, C, H, W) becomes
     V = depthwise Conv(x, B^T d B kernels, stride 4)     (B, 36*C, n, m)   n, m = ceil(H/4), ceil(W/4)
     V = V as (36, B, C, n*m)
     M = U @ V,  U = G w G^T as (36, 1, CO, C)          (36, B, CO, n*m)
@@ -23,10 +25,10 @@ from __future__ import annotations
 import numpy as np
 
 # Which convolutions: (smallest feature-map side at the bundle's default size, fewest input channels).
-# "auto" from measurements (benchmarks/NOTES.md, section 7; one conv, 2 threads, Winograd / direct): 320 channels
-# at 64x64 0.6, 512 at 128x128 0.44, 256 at 256x256 0.89, 128 at 512x512 1.18, and the whole SD 1.5 U-Net no
-# faster with its 16x16 level than without. "all": every 3x3 convolution the rewrite can take (the tests' tiny
-# models), but never conv_in's 4 latent channels.
+# "auto" from measurements (benchmarks/NOTES.md, section 7; benchmarks/winograd_conv.py, Winograd / direct):
+# 320 channels at 64x64 0.51, 512 at 128x128 0.61, 256 at 256x256 0.63, 128 at 512x512 1.42; SD 1.5's 16x16
+# level (1280 channels) gains the whole U-Net 5 % for 15 GB of peak memory while loading. "all": every 3x3
+# convolution the rewrite can take (the tests' tiny models), but never conv_in's 4 latent channels.
 RULES = {"auto": (32, 256), "all": (1, 16)}
 MARK = "/wino/"  # in the name of every node this pass writes
 
