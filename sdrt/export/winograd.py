@@ -78,7 +78,7 @@ def _eligible(node, shapes: dict[str, tuple], sizes: dict[str, tuple[int, int]],
 def rewrite(model, sizes: dict[str, tuple[int, int]], rule: str = "auto") -> int:
     """Replace the eligible Conv nodes of model (an onnx ModelProto, opset >= 15) in place; returns how many.
     sizes: conv_input_sizes() at the bundle's default size; rule: a key of RULES."""
-    from onnx import helper, numpy_helper
+    from onnx import numpy_helper
 
     shapes = {t.name: tuple(t.dims) for t in model.graph.initializer}
     consts = {"wino/G": G.astype(np.float32), "wino/GT": G.T.astype(np.float32).copy(),
@@ -86,35 +86,48 @@ def rewrite(model, sizes: dict[str, tuple[int, int]], rule: str = "auto") -> int
               "wino/zeros2": np.zeros(2, np.int64)}
     new_nodes, count = [], 0
     for node in model.graph.node:
-        if not _eligible(node, shapes, sizes, RULES[rule]):
+        if _eligible(node, shapes, sizes, RULES[rule]):
+            nodes, node_consts = _replacement(node, *shapes[node.input[1]][:2])
+            new_nodes += nodes
+            consts |= node_consts
+            count += 1
+        else:
             new_nodes.append(node)
-            continue
-        count += 1
-        x, w, *bias = node.input
-        co, c = shapes[w][:2]
-        p = f"{node.name or node.output[0]}{MARK.rstrip('/')}"
-        vals = {f"{p}/u_shape": [36, 1, co, c], f"{p}/v_shape": [0, c, 36, -1], f"{p}/in_reps": [c, 1, 1, 1],
-                f"{p}/out_reps": [co, 1, 1, 1], f"{p}/m_chan": [0, co * 36]}
-        consts.update({k: np.array(v, np.int64) for k, v in vals.items()})
-        n = lambda op, ins, out, **kw: new_nodes.append(
-            helper.make_node(op, ins, [f"{p}/{out}"], name=f"{p}/{out}", **kw)) or f"{p}/{out}"
-        # U = G w G^T: (CO, C, 3, 3) -> (36, 1, CO, C); constant, folded by ONNX Runtime when the session loads
-        u = n("MatMul", [n("MatMul", ["wino/G", w], "gw"), "wino/GT"], "gwg")  # (CO, C, 6, 6)
-        u = n("Reshape", [n("Transpose", [u], "gwg_t", perm=[2, 3, 0, 1]), f"{p}/u_shape"], "u")
-        # V: every 6x6 tile at stride 4, transformed by one depthwise conv; end padding 4 covers any H, W
-        kin = n("Tile", ["wino/in", f"{p}/in_reps"], "kin")  # (36*C, 1, 6, 6), channel c*36 + k
-        v = n("Conv", [x, kin], "v_tiles", group=c, kernel_shape=[6, 6], strides=[4, 4], pads=[1, 1, 4, 4])
-        tiles = n("Shape", [v], "tiles", start=2)  # [n, m]
-        v = n("Transpose", [n("Reshape", [v, f"{p}/v_shape"], "v_flat")], "v", perm=[2, 0, 1, 3])  # (36, B, C, nm)
-        m = n("Transpose", [n("MatMul", [u, v], "m")], "m_t", perm=[1, 2, 0, 3])  # (B, CO, 36, nm)
-        m = n("Reshape", [m, n("Concat", [f"{p}/m_chan", tiles], "m_shape", axis=0)], "m_tiles")
-        kout = n("Tile", ["wino/out", f"{p}/out_reps"], "kout")  # (36*CO, 1, 4, 4)
-        y = n("ConvTranspose", [m, kout, *bias], "y_tiles", group=co, kernel_shape=[4, 4], strides=[4, 4])
-        hw = n("Shape", [x], "hw", start=2)
-        new_nodes.append(helper.make_node("Slice", [y, "wino/zeros2", hw, "wino/spatial"], list(node.output),
-                                          name=f"{p}/crop"))
     if count:
         del model.graph.node[:]
         model.graph.node.extend(new_nodes)
         model.graph.initializer.extend(numpy_helper.from_array(v, k) for k, v in consts.items())
     return count
+
+
+def _replacement(node, co: int, c: int) -> tuple[list, dict[str, np.ndarray]]:
+    """The nodes (and their small int64 constants) that compute Conv node (weight (co, c, 3, 3)) by Winograd."""
+    from onnx import helper
+
+    x, w, *bias = node.input
+    p = f"{node.name or node.output[0]}{MARK.rstrip('/')}"
+    consts = {f"{p}/{k}": np.array(v, np.int64) for k, v in {
+        "u_shape": [36, 1, co, c], "v_shape": [0, c, 36, -1], "in_reps": [c, 1, 1, 1], "out_reps": [co, 1, 1, 1],
+        "m_chan": [0, co * 36]}.items()}
+    nodes = []
+
+    def n(op: str, ins: list[str], out: str, **attrs) -> str:  # add a node named like its output; return that
+        nodes.append(helper.make_node(op, ins, [f"{p}/{out}"], name=f"{p}/{out}", **attrs))
+        return f"{p}/{out}"
+
+    # U = G w G^T: (CO, C, 3, 3) -> (36, 1, CO, C); constant, folded by ONNX Runtime when the session loads
+    u = n("MatMul", [n("MatMul", ["wino/G", w], "gw"), "wino/GT"], "gwg")  # (CO, C, 6, 6)
+    u = n("Reshape", [n("Transpose", [u], "gwg_t", perm=[2, 3, 0, 1]), f"{p}/u_shape"], "u")
+    # V: every 6x6 tile at stride 4, transformed by one depthwise conv; end padding 4 covers any H, W
+    kin = n("Tile", ["wino/in", f"{p}/in_reps"], "kin")  # (36*C, 1, 6, 6), channel c*36 + k
+    v = n("Conv", [x, kin], "v_tiles", group=c, kernel_shape=[6, 6], strides=[4, 4], pads=[1, 1, 4, 4])
+    tiles = n("Shape", [v], "tiles", start=2)  # [n, m]
+    v = n("Transpose", [n("Reshape", [v, f"{p}/v_shape"], "v_flat")], "v", perm=[2, 0, 1, 3])  # (36, B, C, nm)
+    m = n("Transpose", [n("MatMul", [u, v], "m")], "m_t", perm=[1, 2, 0, 3])  # (B, CO, 36, nm)
+    m = n("Reshape", [m, n("Concat", [f"{p}/m_chan", tiles], "m_shape", axis=0)], "m_tiles")  # (B, 36*CO, n, m)
+    kout = n("Tile", ["wino/out", f"{p}/out_reps"], "kout")  # (36*CO, 1, 4, 4)
+    y = n("ConvTranspose", [m, kout, *bias], "y_tiles", group=co, kernel_shape=[4, 4], strides=[4, 4])
+    hw = n("Shape", [x], "hw", start=2)
+    nodes.append(helper.make_node("Slice", [y, "wino/zeros2", hw, "wino/spatial"], list(node.output),
+                                  name=f"{p}/crop"))  # (B, CO, H, W)
+    return nodes, consts

@@ -84,11 +84,11 @@ class OrtEngine(Engine):
         self.name, self.path, self.threads = name, path, threads
         self._overrides = {k: ort.OrtValue.ortvalue_from_numpy(v) for k, v in (overrides or {}).items()}  # kept alive
         patched = [np.shape(v) for v in (overrides or {}).values()]
-        self._disabled = (["NchwcTransformer"] if any(len(s) == 4 for s in patched) else []) + \
+        disabled = (["NchwcTransformer"] if any(len(s) == 4 for s in patched) else []) + \
             (["ConstantFolding"] if any(s[-2:] == (3, 3) for s in patched if len(s) == 4) else [])
         threads = threads or os.cpu_count() or 1
         small = _weight_bytes(path) <= self.SPLIT_MAX_WEIGHT_BYTES
-        self.session = self._open(1 if small else threads)
+        self.session = self._open(1 if small else threads, disabled)
         self.inputs = {a.name: _spec(a) for a in self.session.get_inputs()}
         self.outputs = {a.name: _spec(a) for a in self.session.get_outputs()}
         self._output_names = list(self.outputs)
@@ -98,7 +98,7 @@ class OrtEngine(Engine):
         self._pieces = threads if small and named_batch else 1
         self._pool = None  # started at the first batch that is split
 
-    def _open(self, threads: int):
+    def _open(self, threads: int, disabled: list[str]):
         import onnxruntime as ort
 
         opts = ort.SessionOptions()
@@ -107,7 +107,7 @@ class OrtEngine(Engine):
         opts.log_severity_level = 3  # errors only: ORT's warnings about unused initializers are noise here
         for key, value in self._overrides.items():
             opts.add_initializer(key, value)
-        extra = {"disabled_optimizers": self._disabled} if self._disabled else {}
+        extra = {"disabled_optimizers": disabled} if disabled else {}
         try:
             return ort.InferenceSession(str(self.path), sess_options=opts, providers=["CPUExecutionProvider"],
                                         **extra)
@@ -120,7 +120,7 @@ class OrtEngine(Engine):
             batch = {v.shape[0] for v in feeds.values()}
             if len(batch) == 1 and (size := batch.pop()) > 1:
                 return self._run_split(feeds, min(self._pieces, size))
-        return dict(zip(self._output_names, self._session_run(self.session, feeds)))
+        return dict(zip(self._output_names, self._session_run(feeds)))
 
     def _run_split(self, feeds, pieces: int):
         from concurrent.futures import ThreadPoolExecutor
@@ -129,14 +129,14 @@ class OrtEngine(Engine):
             self._pool = ThreadPoolExecutor(self._pieces - 1, thread_name_prefix="sdrt-ort")
         bounds = np.linspace(0, next(iter(feeds.values())).shape[0], pieces + 1).astype(int)
         parts = [{k: v[a:b] for k, v in feeds.items()} for a, b in zip(bounds[:-1], bounds[1:])]
-        others = [self._pool.submit(self._session_run, self.session, part) for part in parts[:-1]]
-        last = self._session_run(self.session, parts[-1])  # ONNX Runtime lets go of the GIL while it runs
+        others = [self._pool.submit(self._session_run, part) for part in parts[:-1]]
+        last = self._session_run(parts[-1])  # ONNX Runtime lets go of the GIL while it runs
         results = [f.result() for f in others] + [last]
         return {name: np.concatenate([r[i] for r in results]) for i, name in enumerate(self._output_names)}
 
-    def _session_run(self, session, feeds) -> list:
+    def _session_run(self, feeds) -> list:
         try:
-            return session.run(self._output_names, feeds)
+            return self.session.run(self._output_names, feeds)
         except Exception as e:
             raise EngineError(f"{self.name} failed in ONNX Runtime: {e}") from None
 
