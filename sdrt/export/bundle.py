@@ -20,7 +20,7 @@ from ..runtime import names, request
 from ..runtime.fsutil import atomic_write_bytes, fsync_dir, make_temp_dir, relax_permissions, sha256_file
 from ..runtime.manifest import GraphSpec, Manifest, TensorSpec
 from ..runtime.tokenizer import ClipTokenizer, load_tokenizer_files
-from . import cpu_graph, trace, verify
+from . import cpu_graph, trace, verify, winograd
 from . import int8 as int8_mod
 from .source import Source, load_source
 
@@ -166,13 +166,14 @@ def _write_bundle(source: Source, out: Path, height: int | None, width: int | No
                                      lora_targets=comp in names.LORA_COMPONENTS,
                                      external=want_cpu and comp == names.VAE_DECODER)
             feeds = verify.check_inputs(source, comp, height, width, ids)
-            expected = verify.expected_outputs(source, comp, module, feeds, ids)
+            with winograd.recording_conv_sizes(module) as conv_sizes:  # for the CPU graphs' Winograd rule
+                expected = verify.expected_outputs(source, comp, module, feeds, ids)
             errors[comp] = verify.verify(comp, expected, path, feeds)
             graphs[comp] = graph_spec(path, f"{comp}/{names.MODEL_FILE}")
             log(f"{comp}: exported and checked in {time.perf_counter() - started:.1f}s "
                 f"(relative error vs torch {errors[comp]:.2e})")
             if want_cpu and comp in (names.UNET, names.VAE_DECODER):
-                fast = _write_cpu_graph(comp, traced, path, feeds, cpu[1], log)
+                fast = _write_cpu_graph(comp, traced, path, conv_sizes, cpu[1], log)
                 if fast is not None:
                     errors[f"{comp} ({names.CPU_MODEL_FILE})"] = _verify_cpu_graph(comp, expected, fast, feeds)
                     cpu_graphs[comp] = f"{comp}/{names.CPU_MODEL_FILE}"
@@ -211,15 +212,11 @@ def _write_bundle(source: Source, out: Path, height: int | None, width: int | No
     return manifest
 
 
-def _write_cpu_graph(comp: str, traced, path: Path, feeds: dict, rule: str, log) -> Path | None:
+def _write_cpu_graph(comp: str, traced, path: Path, conv_sizes: dict, rule: str, log) -> Path | None:
     """The U-Net's CPU graph (fused attention, Winograd) or the VAE decoder's (Winograd); see cpu_graph.py."""
-    import torch
-
-    module, _, in_names, _, _ = traced
-    at_size = [torch.from_numpy(feeds[n]) for n in in_names]  # batch 1 at the default size
     if comp == names.UNET:
-        return cpu_graph.write_cpu_graph(*traced, path, log, at_size, rule)
-    return cpu_graph.write_winograd_graph(module, at_size, path, comp, log, rule)
+        return cpu_graph.write_cpu_graph(*traced, path, conv_sizes, log, rule)
+    return cpu_graph.write_winograd_graph(path, conv_sizes, comp, log, rule)
 
 
 def _verify_cpu_graph(comp: str, expected: list, path: Path, feeds: dict) -> float:

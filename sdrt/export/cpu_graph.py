@@ -17,7 +17,8 @@ packs self-attention's Q, K, V weights into a new tensor for its `Attention` ope
 
 On small latents the operator's fixed cost outweighs what it saves (measured on the embedded model, 1 thread:
 8x8 latents 20 % slower, 16x16 even, 32x32 20 % faster), hence `AUTO_MIN_TOKENS`. Which convolutions
-Winograd takes is decided by their feature-map size at the bundle's default size, found by one forward pass.
+Winograd takes is decided by their feature-map size at the bundle's default size, recorded while the export
+checks the graph against torch at that size.
 """
 from __future__ import annotations
 
@@ -155,18 +156,17 @@ def _share_weights(model, plain: dict) -> None:
     _rename(model, renames)
 
 
-def write_cpu_graph(module, inputs, in_names, out_names, axes, plain_graph: Path, log=print, sizing_inputs=None,
+def write_cpu_graph(module, inputs, in_names, out_names, axes, plain_graph: Path, conv_sizes: dict, log=print,
                     winograd_rule: str = "auto") -> Path | None:
     """Write model.cpu.onnx beside plain_graph (sharing its model.onnx_data); None when the model has an
-    attention this processor can't reproduce (the CPU backend then opens the plain graph). sizing_inputs: torch
-    inputs at the bundle's default size (default: the trace inputs), for choosing Winograd's convolutions."""
+    attention this processor can't reproduce (the CPU backend then opens the plain graph). conv_sizes: each
+    convolution's input size at the bundle's default size (winograd.recording_conv_sizes)."""
     import onnx
 
     try:
         with tempfile.TemporaryDirectory(dir=plain_graph.parent.parent) as scratch:
             model = _trace(module, inputs, in_names, out_names, axes, Path(scratch))
-        sizes = winograd.conv_input_sizes(module, sizing_inputs or inputs)
-        convs = winograd.rewrite(model, sizes, winograd_rule)  # before sharing: the trace's own weight names
+        convs = winograd.rewrite(model, conv_sizes, winograd_rule)  # before sharing: the trace's own weight names
         _share_weights(model, _plain_weights(plain_graph))
     except Unsupported as e:
         log(f"unet: no fused-attention graph ({e}); the CPU backend uses the plain graph")
@@ -179,14 +179,14 @@ def write_cpu_graph(module, inputs, in_names, out_names, axes, plain_graph: Path
     return target
 
 
-def write_winograd_graph(module, sizing_inputs, plain_graph: Path, comp: str, log=print,
+def write_winograd_graph(plain_graph: Path, conv_sizes: dict, comp: str, log=print,
                          winograd_rule: str = "auto") -> Path | None:
     """model.cpu.onnx beside plain_graph: the same graph with its large 3x3 convolutions in Winograd form (the VAE
     decoder's), reading the same model.onnx_data; None when no convolution qualifies."""
     import onnx
 
     model = onnx.load(str(plain_graph), load_external_data=False)
-    convs = winograd.rewrite(model, winograd.conv_input_sizes(module, sizing_inputs), winograd_rule)
+    convs = winograd.rewrite(model, conv_sizes, winograd_rule)
     if not convs:
         return None
     target = plain_graph.parent / names.CPU_MODEL_FILE

@@ -22,6 +22,8 @@ under a LoRA on a 3x3 convolution, which ONNX Runtime would miss), each eligible
 """
 from __future__ import annotations
 
+from contextlib import contextmanager
+
 import numpy as np
 
 # Which convolutions: (smallest feature-map side at the bundle's default size, fewest input channels).
@@ -41,8 +43,10 @@ IN_KERNELS = np.einsum("kr,lc->klrc", BT, BT).reshape(36, 1, 6, 6).astype(np.flo
 OUT_KERNELS = np.einsum("ik,jl->klij", AT, AT).reshape(36, 1, 4, 4).astype(np.float32)  # y_ij = AT m A
 
 
-def conv_input_sizes(module, inputs) -> dict[str, tuple[int, int]]:
-    """Weight name -> (H, W) of its 3x3 convolution's input, from one forward pass of module on inputs."""
+@contextmanager
+def recording_conv_sizes(module):
+    """Within: module's forward passes record weight name -> (H, W) of each Conv2d's input (the first seen). The
+    exporter wraps its check against torch at the bundle's default size in this, so no extra pass is needed."""
     import torch
 
     sizes, hooks = {}, []
@@ -56,12 +60,10 @@ def conv_input_sizes(module, inputs) -> dict[str, tuple[int, int]]:
         if isinstance(sub, torch.nn.Conv2d):
             hooks.append(sub.register_forward_pre_hook(record(f"{name}.weight")))
     try:
-        with torch.no_grad():
-            module(*inputs)
+        yield sizes
     finally:
         for hook in hooks:
             hook.remove()
-    return sizes
 
 
 def _eligible(node, shapes: dict[str, tuple], sizes: dict[str, tuple[int, int]], rule: tuple[int, int]) -> bool:
@@ -77,7 +79,7 @@ def _eligible(node, shapes: dict[str, tuple], sizes: dict[str, tuple[int, int]],
 
 def rewrite(model, sizes: dict[str, tuple[int, int]], rule: str = "auto") -> int:
     """Replace the eligible Conv nodes of model (an onnx ModelProto, opset >= 15) in place; returns how many.
-    sizes: conv_input_sizes() at the bundle's default size; rule: a key of RULES."""
+    sizes: recording_conv_sizes() at the bundle's default size; rule: a key of RULES."""
     from onnx import numpy_helper
 
     shapes = {t.name: tuple(t.dims) for t in model.graph.initializer}

@@ -76,6 +76,12 @@ class Manifest:
     hashed: bool = True  # False for a derived (optimum) manifest: nothing was checked
 
     @property
+    def graph_files(self) -> list[tuple[str, str]]:
+        """(component, relative path) of every graph: the plain ones, then the CPU and int8 variants."""
+        return [(comp, g.path) for comp, g in self.graphs.items()] + list(self.cpu_graphs.items()) + \
+            list(self.int8_graphs.items())
+
+    @property
     def model_hash(self) -> str:
         """Short hash written into PNG parameters, as A1111's "Model hash" (10 hex digits)."""
         return (self.source_hash or "unknown")[:10]
@@ -126,8 +132,7 @@ def _parse(path: Path) -> Manifest:
     except (KeyError, TypeError, ValueError) as e:
         raise BundleCorrupt(f"{str(path)!r} is missing or has a malformed field ({e!r}); {REEXPORT}") from None
     extra = [manifest.token_embeddings] if manifest.token_embeddings else []
-    extra += [*manifest.cpu_graphs.values(), *manifest.int8_graphs.values()]
-    for rel in [*manifest.files, *(g.path for g in manifest.graphs.values()), *extra]:
+    for rel in [*manifest.files, *(rel for _, rel in manifest.graph_files), *extra]:
         if Path(rel).is_absolute() or ".." in Path(rel).parts:
             raise BundleCorrupt(f"{str(path)!r} names the file {rel!r}, outside the bundle; refusing it. {REEXPORT}")
     missing = [c for c in names.REQUIRED_COMPONENTS if c not in manifest.graphs]
@@ -146,9 +151,7 @@ def verify_files(bundle: Path, manifest: Manifest) -> None:
                                 f"(corrupt or modified); {REEXPORT}")
     if manifest.token_embeddings and manifest.token_embeddings not in manifest.files:
         raise BundleCorrupt(f"{manifest.token_embeddings} is not hashed in {names.MANIFEST_FILE}; {REEXPORT}")
-    graphs = [(comp, g.path) for comp, g in manifest.graphs.items()] + list(manifest.cpu_graphs.items()) + \
-        list(manifest.int8_graphs.items())
-    for comp, rel in graphs:
+    for comp, rel in manifest.graph_files:
         if rel not in manifest.files:
             raise BundleCorrupt(f"graph {comp} ({rel}) is not hashed in {names.MANIFEST_FILE}; {REEXPORT}")
 
