@@ -86,7 +86,7 @@ def export(
                                          "or sd2-v (768, v-prediction); default: read from the weights."),
     cpu_graph: str = typer.Option("auto", "--cpu-graph", help="auto, always or never: add U-Net and VAE decoder "
                                   "graphs for ONNX Runtime on the CPU (fused attention, Winograd convolutions; auto: "
-                                  "from 256x256 up)."),
+                                  "the U-Net's always, the VAE decoder's from 256x256 up)."),
     int8: bool = typer.Option(False, "--int8", help="Also write a U-Net with int8 MatMuls (opt-in at generation "
                               "with --int8)."),
 ):

@@ -12,6 +12,7 @@ from conftest import latents, pixels
 import sdrt
 from sdrt.errors import InvalidRequest
 from sdrt.export import cpu_graph, export_bundle
+from sdrt.runtime import names
 
 QUIET = {"log": lambda *_: None}
 
@@ -93,10 +94,13 @@ def test_a_lora_on_3x3_convolutions_reaches_their_winograd_form(bundles, plain_b
     assert np.abs(a - b).max() <= 1 / 255 and np.abs(b - base).max() > 10 / 255
 
 
-def test_auto_fuses_from_256x256_up_and_bad_policies_are_refused(models, tmp_path):
-    assert not cpu_graph.wanted("auto", 64, 64) and not cpu_graph.wanted("auto", 128, 128)
-    assert cpu_graph.wanted("auto", 256, 256) and cpu_graph.wanted("auto", 512, 512)
-    assert cpu_graph.wanted("always", 64, 64) and not cpu_graph.wanted("never", 768, 768)
+def test_auto_fuses_every_unet_and_large_vaes_and_bad_policies_are_refused(models, tmp_path):
+    unet, vae = names.UNET, names.VAE_DECODER
+    assert cpu_graph.wanted("auto", unet, 64, 64) and cpu_graph.wanted("auto", unet, 512, 512)
+    assert not cpu_graph.wanted("auto", vae, 64, 64) and not cpu_graph.wanted("auto", vae, 128, 128)
+    assert cpu_graph.wanted("auto", vae, 256, 256) and cpu_graph.wanted("auto", vae, 512, 512)
+    assert cpu_graph.wanted("always", vae, 64, 64) and not cpu_graph.wanted("never", unet, 768, 768)
+    assert not cpu_graph.wanted("always", names.TEXT_ENCODER, 512, 512)
     with pytest.raises(InvalidRequest, match="cpu graph policy 'fast' is not one of auto, always, never"):
         export_bundle(models["sd1"], tmp_path / "x", cpu_graph_policy="fast", **QUIET)
     assert not (tmp_path / "x").exists()

@@ -132,8 +132,8 @@ def export_bundle(src: Path, out: Path, height: int | None = None, width: int | 
                   winograd_rule: str = "auto") -> Manifest:
     """src: a diffusers model folder, or a single-file checkpoint (family: sd1, sd2, sd2-v; default detected).
     cpu_graph_policy: "auto", "always" or "never": whether to add the graphs that the ONNX Runtime CPU backend
-    opens instead of the plain ones (export/cpu_graph.py; "auto" from 256x256 images up): the U-Net's (fused
-    attention, Winograd convolutions) and the VAE decoder's (Winograd convolutions). winograd_rule: which 3x3
+    opens instead of the plain ones (export/cpu_graph.py): the U-Net's (fused attention, Winograd convolutions;
+    "auto" writes it always) and the VAE decoder's (Winograd convolutions; "auto" from 256x256 images up). winograd_rule: which 3x3
     convolutions those graphs compute by Winograd (a key of export/winograd.py's RULES). int8: also write the
     opt-in int8 U-Net (export/int8.py)."""
     if cpu_graph_policy not in cpu_graph.POLICIES:
@@ -158,13 +158,13 @@ def _write_bundle(source: Source, out: Path, height: int | None, width: int | No
         graphs, errors, cpu_graphs, int8_graphs = {}, {}, {}, {}
         ids = tokenizer(["a photo of a cat"])  # (1, 77): the text encoder's check input
         scale = 2 ** (len(source.vae.config.block_out_channels) - 1)  # image pixels per latent pixel
-        want_cpu = cpu_graph.wanted(cpu[0], height, width, scale)
         for comp, traced in trace.components(source).items():
             module, inputs, in_names, out_names, axes = traced
             started = time.perf_counter()
+            want_cpu = cpu_graph.wanted(cpu[0], comp, height, width, scale)
             path = trace.export_onnx(module, inputs, in_names, out_names, axes, tmp / comp, external_threshold,
                                      lora_targets=comp in names.LORA_COMPONENTS,
-                                     external=want_cpu and comp == names.VAE_DECODER)
+                                     external=want_cpu and comp == names.VAE_DECODER)  # shared with its CPU graph
             feeds = verify.check_inputs(source, comp, height, width, ids)
             with winograd.recording_conv_sizes(module) as conv_sizes:  # for the CPU graphs' Winograd rule
                 expected = verify.expected_outputs(source, comp, module, feeds, ids)
@@ -172,7 +172,7 @@ def _write_bundle(source: Source, out: Path, height: int | None, width: int | No
             graphs[comp] = graph_spec(path, f"{comp}/{names.MODEL_FILE}")
             log(f"{comp}: exported and checked in {time.perf_counter() - started:.1f}s "
                 f"(relative error vs torch {errors[comp]:.2e})")
-            if want_cpu and comp in (names.UNET, names.VAE_DECODER):
+            if want_cpu:
                 fast = _write_cpu_graph(comp, traced, path, conv_sizes, cpu[1], log)
                 if fast is not None:
                     errors[f"{comp} ({names.CPU_MODEL_FILE})"] = _verify_cpu_graph(comp, expected, fast, feeds)

@@ -15,10 +15,12 @@ grows by the graph's structure only and LoRA overrides (by initializer name, lor
 It is checked against torch like every exported graph. (onnxruntime.transformers' fusion was tried first: it
 packs self-attention's Q, K, V weights into a new tensor for its `Attention` operator, which breaks both.)
 
-On small latents the operator's fixed cost outweighs what it saves (measured on the embedded model, 1 thread:
-8x8 latents 20 % slower, 16x16 even, 32x32 20 % faster), hence `AUTO_MIN_TOKENS`. Which convolutions
-Winograd takes is decided by their feature-map size at the bundle's default size, recorded while the export
-checks the graph against torch at that size.
+Fused attention is at least as fast at every size measured, so "auto" writes the U-Net's CPU graph for every
+bundle (the embedded model's 8x8 latents, 1 thread, paired runs: 0.89x the plain graph's time at batch 1,
+0.92x at batch 2; 32x32 latents 0.8x; benchmarks/NOTES.md, sections 1 and 9). The VAE decoder's CPU graph
+holds only Winograd convolutions, which "auto" takes from 32x32 feature maps, so it is written from
+`AUTO_MIN_TOKENS` latent pixels up. Which convolutions Winograd takes is decided by their feature-map size at
+the bundle's default size, recorded while the export checks the graph against torch at that size.
 """
 from __future__ import annotations
 
@@ -31,7 +33,7 @@ from ..runtime import names
 from . import trace, winograd
 
 POLICIES = ("auto", "always", "never")  # whether the export writes this graph
-AUTO_MIN_TOKENS = 1024  # latent tokens (H/8 * W/8) at the bundle's default size from which "auto" fuses
+AUTO_MIN_TOKENS = 1024  # latent pixels (H/8 * W/8) at the default size from which "auto" writes the VAE's graph
 MAX_UNMATCHED_BYTES = 1 << 16  # the new graph may add small constants, never a copy of a weight
 
 
@@ -39,8 +41,12 @@ class Unsupported(Exception):
     """An attention layer this processor does not reproduce exactly; the plain graph is used instead."""
 
 
-def wanted(policy: str, height: int, width: int, scale: int = 8) -> bool:
-    return policy == "always" or (policy == "auto" and (height // scale) * (width // scale) >= AUTO_MIN_TOKENS)
+def wanted(policy: str, component: str, height: int, width: int, scale: int = 8) -> bool:
+    """Whether the export writes `component`'s CPU graph (the U-Net's and the VAE decoder's exist)."""
+    if component not in (names.UNET, names.VAE_DECODER) or policy == "never":
+        return False
+    large = (height // scale) * (width // scale) >= AUTO_MIN_TOKENS
+    return policy == "always" or component == names.UNET or large
 
 
 def _processor():
