@@ -54,6 +54,14 @@ def test_small_graphs_run_each_call_on_one_thread():
     assert OrtEngine(unet_path(), "unet", threads=2).session.get_session_options().intra_op_num_threads == 1
 
 
+def test_the_vae_runs_whole_on_every_thread_even_when_small():
+    path = EMBEDDED / load_manifest(EMBEDDED).graphs["vae_decoder"].path
+    engine = OrtEngine(path, "vae_decoder", threads=2)
+    assert engine._pieces == 1 and engine.session.get_session_options().intra_op_num_threads == 2
+    latents = np.random.default_rng(4).standard_normal((2, 4, 8, 8), dtype=np.float32)
+    assert engine(latent_sample=latents)["sample"].shape == (2, 3, 64, 64) and engine._pool is None
+
+
 def test_inputs_whose_batches_disagree_are_not_split_and_fail_typed():
     engine = OrtEngine(unet_path(), "unet", threads=2)
     feeds = unet_inputs(2) | {"timestep": np.full(3, 321.0, np.float32)}

@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import BundleCorrupt, EngineError
+from . import names
 from .manifest import TensorSpec
 
 _ORT_DTYPES = {"tensor(float)": "float32", "tensor(float16)": "float16", "tensor(double)": "float64",
@@ -68,9 +69,12 @@ class OrtEngine(Engine):
     its operators are too small for ONNX Runtime to spread one over two cores (the embedded U-Net, batch 2, is
     slower on 2 threads than on 1). A batch is split into one piece per thread instead, the calling thread
     running the last: the same numbers as the whole batch (every graph here treats images independently).
-    Measured in benchmarks/NOTES.md, section 8."""
+    The VAE's graphs are exempt: their operators work at image resolution, large enough to share between cores
+    even in a small model (the embedded VAE decoder takes 0.8x the time on 2 threads). Measured in
+    benchmarks/NOTES.md, sections 8 and 9."""
 
     SPLIT_MAX_WEIGHT_BYTES = 64 << 20
+    IMAGE_RESOLUTION = (names.VAE_DECODER, names.VAE_ENCODER)  # components that always get every thread
 
     def __init__(self, path: Path, name: str, threads: int | None = None,
                  overrides: dict[str, np.ndarray] | None = None):
@@ -87,7 +91,7 @@ class OrtEngine(Engine):
         disabled = (["NchwcTransformer"] if any(len(s) == 4 for s in patched) else []) + \
             (["ConstantFolding"] if any(s[-2:] == (3, 3) for s in patched if len(s) == 4) else [])
         threads = threads or os.cpu_count() or 1
-        small = _weight_bytes(path) <= self.SPLIT_MAX_WEIGHT_BYTES
+        small = name not in self.IMAGE_RESOLUTION and _weight_bytes(path) <= self.SPLIT_MAX_WEIGHT_BYTES
         self.session = self._open(1 if small else threads, disabled)
         self.inputs = {a.name: _spec(a) for a in self.session.get_inputs()}
         self.outputs = {a.name: _spec(a) for a in self.session.get_outputs()}
@@ -127,7 +131,8 @@ class OrtEngine(Engine):
 
         if self._pool is None:
             self._pool = ThreadPoolExecutor(self._pieces - 1, thread_name_prefix="sdrt-ort")
-        bounds = np.linspace(0, next(iter(feeds.values())).shape[0], pieces + 1).astype(int)
+        size = next(iter(feeds.values())).shape[0]
+        bounds = [size * i // pieces for i in range(pieces + 1)]
         parts = [{k: v[a:b] for k, v in feeds.items()} for a, b in zip(bounds[:-1], bounds[1:])]
         others = [self._pool.submit(self._session_run, part) for part in parts[:-1]]
         last = self._session_run(parts[-1])  # ONNX Runtime lets go of the GIL while it runs
