@@ -9,7 +9,9 @@ so a fast wrong answer cannot win.
 BUNDLE is an sdrt bundle and SRC the diffusers folder it was exported from; --tiny builds the random-weight
 SD1-style model of tests/tiny_models.py and exports it. Peers: diffusers in PyTorch on the CPU (fp32, eager);
 on a CUDA machine also fp16 eager and fp16 with the U-Net under torch.compile. sdrt runs on its default
-backend (ONNX Runtime on the CPU here; --backend to choose). Both sides get the same number of threads.
+backend (ONNX Runtime on the CPU here; --backend to choose). Both sides get the same number of threads unless
+--peer-threads gives diffusers its own (PyTorch may be faster on fewer threads than cores: compare against its
+best).
 
 Stages: text encoder (tokenize + encode the prompt and the negative prompt), U-Net per model call, VAE decode,
 end to end (PIL images out, no watermark, no safety checker), and what end to end spends outside the U-Net
@@ -176,14 +178,15 @@ def main() -> None:
     ap.add_argument("--runs", type=int, default=5)
     ap.add_argument("--warmup", type=int, default=1)
     ap.add_argument("--threads", type=int, help="for both sides (default: every core)")
+    ap.add_argument("--peer-threads", type=int, help="diffusers' threads when not --threads")
     ap.add_argument("--backend", default="auto", help="sdrt's backend")
     ap.add_argument("--prompt", default=PROMPT)
     ap.add_argument("--json", type=Path, help="write the result here")
     args = ap.parse_args()
     if args.tiny == (args.bundle is not None) or (args.bundle is None) != (args.src is None):
         ap.error("give BUNDLE and SRC, or --tiny")
-    if args.runs < 1 or args.warmup < 0:
-        ap.error("--runs must be >= 1 and --warmup >= 0")
+    if args.runs < 1 or args.warmup < 0 or (args.threads or 1) < 1 or (args.peer_threads or 1) < 1:
+        ap.error("--runs, --threads and --peer-threads must be >= 1 and --warmup >= 0")
 
     import diffusers
     import torch
@@ -199,7 +202,7 @@ def main() -> None:
         check_output(args.json)  # before the work, not after it
     diffusers.utils.logging.set_verbosity_error()
     threads = args.threads or os.cpu_count()
-    torch.set_num_threads(threads)
+    torch.set_num_threads(args.peer_threads or threads)
     work = None
     if args.tiny:
         work = tempfile.TemporaryDirectory(prefix="sdrt-compare-")
@@ -266,6 +269,8 @@ def table(result: dict) -> str:
     lines = [f"{c['model']}: {c['width']}x{c['height']}, batch {c['batch']}, {c['sampler']} {c['steps']} steps, "
              f"guidance {c['guidance']:g}, {c['threads']} threads; median of {c['runs']} interleaved runs"]
     for name, peer in result["peers"].items():
+        if peer.get("threads", c["threads"]) != c["threads"]:
+            name = f"{name} ({peer['threads']} thread{'s' if peer['threads'] != 1 else ''})"
         lines += ["", f"{'stage':<32}{'sdrt ms':>11}{name + ' ms':>{max(len(name) + 5, 14)}}{'sdrt/peer':>11}"]
         for k in STAGES:
             a, b = result["sdrt"]["stages"][k]["median_ms"], peer["stages"][k]["median_ms"]

@@ -31,9 +31,12 @@ def groups(paths: list[Path]) -> list[dict]:
         model = "tiny sd1" if c["model"].startswith("tiny") else (path.parent.name if path.name == "model" else path.name)
         for name, peer in result["peers"].items():
             psnr = "images identical" if peer["psnr_db"] is None else f"PSNR {peer['psnr_db']:.1f} dB"
+            theirs = peer.get("threads", c["threads"])
+            threads = f"{c['threads']} vs {theirs}" if theirs != c["threads"] else f"{c['threads']}"
+            threads += " thread" if threads == "1" else " threads"
             out.append({
                 "title": f"vs {name.removeprefix('diffusers ')}",
-                "detail": f"{model} {c['width']}x{c['height']}, {c['steps']} steps\n{c['threads']} threads, {psnr}",
+                "detail": f"{model} {c['width']}x{c['height']}, {c['steps']} steps\n{threads}, {psnr}",
                 "ratios": [peer["ratio"].get(s) for s in STAGES],
             })
     return out
