@@ -178,7 +178,7 @@ def main() -> None:
     ap.add_argument("--runs", type=int, default=5)
     ap.add_argument("--warmup", type=int, default=1)
     ap.add_argument("--threads", type=int, help="for both sides (default: every core)")
-    ap.add_argument("--peer-threads", type=int, help="diffusers' threads when not --threads")
+    ap.add_argument("--peer-threads", type=int, help="diffusers' threads (default: sdrt's)")
     ap.add_argument("--backend", default="auto", help="sdrt's backend")
     ap.add_argument("--prompt", default=PROMPT)
     ap.add_argument("--json", type=Path, help="write the result here")

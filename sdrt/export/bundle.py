@@ -133,9 +133,9 @@ def export_bundle(src: Path, out: Path, height: int | None = None, width: int | 
     """src: a diffusers model folder, or a single-file checkpoint (family: sd1, sd2, sd2-v; default detected).
     cpu_graph_policy: "auto", "always" or "never": whether to add the graphs that the ONNX Runtime CPU backend
     opens instead of the plain ones (export/cpu_graph.py): the U-Net's (fused attention, Winograd convolutions;
-    "auto" writes it always) and the VAE decoder's (Winograd convolutions; "auto" from 256x256 images up). winograd_rule: which 3x3
-    convolutions those graphs compute by Winograd (a key of export/winograd.py's RULES). int8: also write the
-    opt-in int8 U-Net (export/int8.py)."""
+    "auto" writes it always) and the VAE decoder's (Winograd convolutions; "auto" from 256x256 images up).
+    winograd_rule: which 3x3 convolutions those graphs compute by Winograd (a key of export/winograd.py's
+    RULES). int8: also write the opt-in int8 U-Net (export/int8.py)."""
     if cpu_graph_policy not in cpu_graph.POLICIES:
         raise InvalidRequest(f"cpu graph policy {cpu_graph_policy!r} is not one of {', '.join(cpu_graph.POLICIES)}")
     out = Path(out).expanduser().resolve()
