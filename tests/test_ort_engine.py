@@ -22,7 +22,9 @@ def unet_inputs(batch: int, rng=np.random.default_rng(3)) -> dict[str, np.ndarra
 
 
 def unet_path() -> Path:
-    return EMBEDDED / load_manifest(EMBEDDED).graphs["unet"].path
+    """The graph the CPU backend opens: the CPU graph (fused attention) when the bundle has one."""
+    m = load_manifest(EMBEDDED)
+    return EMBEDDED / m.cpu_graphs.get("unet", m.graphs["unet"].path)
 
 
 @pytest.mark.parametrize("batch", [2, 3, 5])

@@ -5,9 +5,9 @@ quantized per call, run by its VNNI/AVX-512 kernels. Convolutions stay fp32 (the
 and moves many more numbers). Measured (benchmarks/NOTES.md, section 5): at SD 1.5 size the U-Net call takes
 0.86x the fp32 fused-attention graph's time (before that graph's Winograd convolutions), a 3-step image is
 42 dB from fp32's; the embedded model's prompt adherence is unchanged, though on its tiny matrices int8 is
-slower. Built from the U-Net's CPU graph when
-there is one. It holds int8 copies of the weights, so LoRA can't patch it (the runtime refuses the pair), and
-it is checked against torch with a looser limit than the fp32 graphs (int8 rounding lands near 1e-2).
+slower. Built from the U-Net's CPU graph when there is one. It holds int8 copies of the weights, so LoRA can't
+patch it (the runtime refuses the pair), and it is checked against torch with a looser limit than the fp32
+graphs (int8 rounding lands near 1e-2).
 """
 from __future__ import annotations
 
