@@ -1,5 +1,5 @@
-"""`sdrt doctor`: what this machine can run (GPU, driver, CUDA, TensorRT, ONNX Runtime), and the one-line
-refusal of `sdrt build` where it can't. Never raises: every probe reports what it found or why not.
+"""`sdrt doctor`: what this machine can run (GPU, driver, CUDA, TensorRT, ONNX Runtime, sdrt's CPU operators),
+and the one-line refusal of `sdrt build` where it can't. Never raises: every probe reports what it found or why not.
 """
 from __future__ import annotations
 
@@ -84,6 +84,17 @@ def onnxruntime_report() -> dict:
     return {"version": version, "providers": list(onnxruntime.get_available_providers())}
 
 
+def native_ops_report() -> dict:
+    """sdrt's CPU operators for ONNX Runtime (runtime/native_ops.py): built or found here, or why not."""
+    from .runtime import native_ops
+
+    try:
+        status = native_ops.status()
+    except Exception as e:  # noqa: BLE001 - doctor reports, never raises
+        return {"on": False, "detail": f"{type(e).__name__}: {e}"}
+    return {"on": status.path is not None, "detail": status.detail}
+
+
 def doctor() -> tuple[dict, str]:
     """(report, text): everything found, and one line per missing piece saying how to get it."""
     trt, trt_why = _version("tensorrt")
@@ -92,7 +103,8 @@ def doctor() -> tuple[dict, str]:
         cp, cp_why2 = _version("cuda")
         cp = cp if cp_why2 is None and cp != "unknown" else None
     report = {"gpu": gpu_report(), "tensorrt": {"version": trt, "reason": trt_why},
-              "cuda_python": {"version": cp, "reason": cp_why}, "onnxruntime": onnxruntime_report()}
+              "cuda_python": {"version": cp, "reason": cp_why}, "onnxruntime": onnxruntime_report(),
+              "native_ops": native_ops_report()}
     hints = []
     if not report["gpu"]["found"]:
         hints.append(HINTS["gpu"])
@@ -118,6 +130,8 @@ def _text(r: dict) -> str:
     lines.append(f"tensorrt     {r['tensorrt']['version'] or 'not installed'}")
     ort = r["onnxruntime"]
     lines.append(f"onnxruntime  {ort['version'] or 'not installed'}; providers: {', '.join(ort['providers']) or 'none'}")
+    ops = r["native_ops"]
+    lines.append(f"sdrt ops     {'on' if ops['on'] else 'off'} ({ops['detail']})")
     lines.append("sdrt build   " + ("available" if r["can_build"] else "not available here"))
     lines += [f"hint         {h}" for h in r["hints"]]
     return "\n".join(lines)

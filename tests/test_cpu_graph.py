@@ -29,7 +29,11 @@ def test_every_attention_is_one_operator_and_the_weights_are_shared(models, bund
     unet = UNet2DConditionModel.from_pretrained(models["sd1"] / "unet")
     layers = sum(isinstance(m, Attention) for m in unet.modules())
     ops = [n.op_type for n in graph.graph.node]
-    assert ops.count("MultiHeadAttention") == layers > 0 and "Softmax" not in ops
+    native = [n for n in graph.graph.node if n.domain == cpu_graph.NATIVE_DOMAIN]
+    assert len(native) + ops.count("MultiHeadAttention") == layers > 0 and "Softmax" not in ops
+    assert native and {n.op_type for n in native} == {"Attention"}  # head size 8: sdrt's kernel
+    assert [(f.domain, f.name) for f in graph.functions] == [(cpu_graph.NATIVE_DOMAIN, "Attention")]
+    assert "unet (model.cpu.onnx), sdrt operators" in manifest["verification"]["errors"]
     # No weight of its own: every sizeable initializer lives in the plain graph's model.onnx_data.
     big = [t for t in graph.graph.initializer if np.prod(t.dims) * 4 > cpu_graph.MAX_UNMATCHED_BYTES]
     assert big and all({e.key: e.value for e in t.external_data}.get("location") == "model.onnx_data" for t in big)

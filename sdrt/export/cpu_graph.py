@@ -8,6 +8,11 @@ PyTorch's scaled_dot_product_attention does. TensorRT cannot parse com.microsoft
 stays the bundle's graph (TensorRT and the CUDA provider build from it) and this one is an extra file,
 `unet/model.cpu.onnx`, that only the ONNX Runtime CPU backend opens.
 
+Small attentions (head size up to NATIVE_MAX_HEAD_SIZE, a modest score matrix) are written as sdrt's own
+operator, ai.sdrt Attention, with an ONNX function body that is the com.microsoft operator: ONNX Runtime runs
+sdrt's kernel where runtime/native_ops.py could build it, and the function where it could not. ONNX Runtime's
+kernel spends most of its time around the thin products of such heads (benchmarks/NOTES.md, section 10).
+
 How: the U-Net is traced a second time with an attention processor whose core exports as that operator
 (the projections stay ordinary layers). The new graph holds no weights of its own: each initializer is
 matched by its bytes to the plain graph's and renamed and pointed into its model.onnx_data, so the bundle
@@ -35,6 +40,13 @@ from . import trace, winograd
 POLICIES = ("auto", "always", "never")  # whether the export writes this graph
 AUTO_MIN_TOKENS = 1024  # latent pixels (H/8 * W/8) at the default size from which "auto" writes the VAE's graph
 MAX_UNMATCHED_BYTES = 1 << 16  # the new graph may add small constants, never a copy of a weight
+# sdrt's own attention kernel (runtime/native/attention.h) takes an attention whose head size and score matrix
+# (queries x keys, at the bundle's default size) are at most these; ONNX Runtime's is faster on larger ones
+# (1 thread: head size 10 at 1024 x 77 0.39x its time, 20 at 256 x 256 1.06x, 20 at 1024 x 1024 1.3x;
+# benchmarks/NOTES.md, section 10).
+NATIVE_MAX_HEAD_SIZE = 20
+NATIVE_MAX_SCORES = 1 << 17
+NATIVE_DOMAIN = "ai.sdrt"
 
 
 class Unsupported(Exception):
@@ -56,15 +68,16 @@ def _processor():
         """softmax(q k^T * scale) v over `heads` heads; (B, S, D) q and (B, L, D) k, v -> (B, S, D)."""
 
         @staticmethod
-        def forward(ctx, q, k, v, heads: int, scale: float):
+        def forward(ctx, q, k, v, heads: int, scale: float, native: bool):
             b, s, d = q.shape
             split = lambda x: x.view(b, x.shape[1], heads, d // heads).transpose(1, 2)  # (B, heads, S, D/heads)
             out = torch.nn.functional.scaled_dot_product_attention(split(q), split(k), split(v), scale=scale)
             return out.transpose(1, 2).reshape(b, s, d)
 
         @staticmethod
-        def symbolic(g, q, k, v, heads: int, scale: float):
-            out = g.op("com.microsoft::MultiHeadAttention", q, k, v, num_heads_i=heads, scale_f=scale)
+        def symbolic(g, q, k, v, heads: int, scale: float, native: bool):
+            op = f"{NATIVE_DOMAIN}::Attention" if native else "com.microsoft::MultiHeadAttention"
+            out = g.op(op, q, k, v, num_heads_i=heads, scale_f=scale)
             out.setType(q.type())  # same shape and dtype as q; tells torch's shape inference
             return out
 
@@ -79,11 +92,27 @@ def _processor():
                 raise Unsupported(f"attention with {unusual or 'a mask, 4-d input or residual'}")
             context = hidden_states if encoder_hidden_states is None else encoder_hidden_states
             q, k, v = attn.to_q(hidden_states), attn.to_k(context), attn.to_v(context)
-            out = MultiHeadAttention.apply(q, k, v, attn.heads, float(attn.scale))
+            native = (q.shape[-1] // attn.heads <= NATIVE_MAX_HEAD_SIZE
+                      and q.shape[1] * k.shape[1] <= NATIVE_MAX_SCORES)
+            out = MultiHeadAttention.apply(q, k, v, attn.heads, float(attn.scale), native)
             out = attn.to_out[1](attn.to_out[0](out))  # projection, dropout
             return out / attn.rescale_output_factor
 
     return FusedAttention()
+
+
+def _attention_function():
+    """ai.sdrt Attention as an ONNX function: the com.microsoft operator it stands for. ONNX Runtime runs sdrt's
+    kernel when the library is registered (runtime/native_ops.py) and inlines this body when it is not."""
+    import onnx
+    from onnx import helper
+
+    core = helper.make_node("MultiHeadAttention", ["q", "k", "v"], ["out"], domain="com.microsoft")
+    core.attribute.extend([helper.make_attribute_ref("num_heads", onnx.AttributeProto.INT),
+                           helper.make_attribute_ref("scale", onnx.AttributeProto.FLOAT)])
+    return helper.make_function(NATIVE_DOMAIN, "Attention", ["q", "k", "v"], ["out"], [core],
+                                [helper.make_opsetid("com.microsoft", 1), helper.make_opsetid("", trace.OPSET)],
+                                attributes=["num_heads", "scale"])
 
 
 def _trace(module, inputs, in_names, out_names, axes, scratch: Path):
@@ -100,8 +129,11 @@ def _trace(module, inputs, in_names, out_names, axes, scratch: Path):
             raw = scratch / names.MODEL_FILE
             torch.onnx.export(module, inputs, str(raw), input_names=in_names, output_names=out_names,
                               dynamic_axes=axes, opset_version=trace.OPSET, do_constant_folding=True,
-                              custom_opsets={"com.microsoft": 1}, dynamo=False)
-        return onnx.load(str(raw))
+                              dynamo=False)  # custom domains get opset version 1
+        model = onnx.load(str(raw))
+        if any(n.domain == NATIVE_DOMAIN for n in model.graph.node):
+            model.functions.append(_attention_function())
+        return model
     finally:
         unet.set_attn_processor(saved)
 
@@ -179,8 +211,9 @@ def write_cpu_graph(module, inputs, in_names, out_names, axes, plain_graph: Path
         return None
     target = plain_graph.parent / names.CPU_MODEL_FILE
     onnx.save_model(model, str(target))
-    count = sum(1 for n in model.graph.node if n.op_type == "MultiHeadAttention")
-    log(f"unet: {count} attention layers fused and {convs} convolutions in Winograd form for ONNX Runtime on the "
+    count = sum(1 for n in model.graph.node if n.op_type in ("MultiHeadAttention", "Attention"))
+    native = sum(1 for n in model.graph.node if n.domain == NATIVE_DOMAIN)
+    log(f"unet: {count} attention layers fused ({native} as sdrt's kernel) and {convs} convolutions in Winograd form for ONNX Runtime on the "
         f"CPU ({names.CPU_MODEL_FILE})")
     return target
 

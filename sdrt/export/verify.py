@@ -65,11 +65,16 @@ def expected_outputs(source, component: str, module, feeds: dict[str, np.ndarray
 
 
 def verify(component: str, expected: list, onnx_path: Path, feeds: dict[str, np.ndarray],
-           limit: float | None = None) -> float:
-    """Run the graph on feeds; its worst relative error vs torch's outputs (default limit: RELATIVE_ERROR_LIMIT)."""
+           limit: float | None = None, native_ops: Path | None = None) -> float:
+    """Run the graph on feeds; its worst relative error vs torch's outputs (default limit: RELATIVE_ERROR_LIMIT).
+    native_ops: sdrt's operator library to run the graph with (runtime/native_ops.py); without it ONNX Runtime
+    runs the functions that stand in for those operators."""
     import onnxruntime as ort
 
-    session = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
+    opts = ort.SessionOptions()
+    if native_ops is not None:
+        opts.register_custom_ops_library(str(native_ops))
+    session = ort.InferenceSession(str(onnx_path), sess_options=opts, providers=["CPUExecutionProvider"])
     actual = session.run(None, feeds)
     worst = max(relative_error(a, e) for a, e in zip(actual, expected, strict=True))
     limit = RELATIVE_ERROR_LIMIT if limit is None else limit

@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import BundleCorrupt, EngineError
-from . import names
+from . import names, native_ops
 from .manifest import TensorSpec
 
 _ORT_DTYPES = {"tensor(float)": "float32", "tensor(float16)": "float16", "tensor(double)": "float64",
@@ -111,6 +111,13 @@ class OrtEngine(Engine):
         opts.log_severity_level = 3  # errors only: ORT's warnings about unused initializers are noise here
         for key, value in self._overrides.items():
             opts.add_initializer(key, value)
+        self.native_ops = False  # whether sdrt's operators run; the graph's ONNX functions stand in otherwise
+        if (library := native_ops.library()) is not None:
+            try:
+                opts.register_custom_ops_library(str(library))
+                self.native_ops = True
+            except Exception:  # noqa: BLE001 - an ONNX Runtime that refuses the library runs the functions
+                pass
         extra = {"disabled_optimizers": disabled} if disabled else {}
         try:
             return ort.InferenceSession(str(self.path), sess_options=opts, providers=["CPUExecutionProvider"],

@@ -1,0 +1,166 @@
+"""sdrt's own CPU operators (runtime/native_ops.py, runtime/native/): the attention kernel against a float64
+numpy reference, the graph's function fallback against the kernel, and the build cache's failure modes.
+The SD1 test bundle's U-Net uses the kernel (head size 8), so every SD1 parity test runs through it too."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import numpy as np
+import onnxruntime as ort
+import pytest
+from onnx import helper, TensorProto
+
+from sdrt.export import cpu_graph
+from sdrt.runtime import native_ops
+
+# (batch, queries, keys, heads, head size): the compiled-in head sizes (8, 10, 16, 20, 32) and others, blocks of
+# 16 queries that end ragged, one key, cross attention's 77 keys.
+SHAPES = [(2, 64, 64, 4, 10), (2, 16, 77, 4, 20), (1, 5, 3, 2, 7), (3, 17, 33, 8, 20), (1, 40, 77, 2, 64),
+          (1, 16, 16, 1, 8), (1, 33, 16, 2, 32), (2, 1, 1, 3, 16), (1, 31, 77, 5, 24)]
+
+
+@pytest.fixture(autouse=True)
+def fresh_status():
+    native_ops.reset()
+    yield
+    native_ops.reset()
+
+
+def attention_graph(width: int, heads: int, scale: float) -> bytes:
+    node = helper.make_node("Attention", ["q", "k", "v"], ["out"], domain=cpu_graph.NATIVE_DOMAIN,
+                            num_heads=heads, scale=scale)
+    graph = helper.make_graph([node], "g", [helper.make_tensor_value_info(n, TensorProto.FLOAT, ["B", n + "len", width])
+                                            for n in "qkv"], [helper.make_tensor_value_info("out", TensorProto.FLOAT, None)])
+    model = helper.make_model(graph, functions=[cpu_graph._attention_function()],
+                              opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid(cpu_graph.NATIVE_DOMAIN, 1)])
+    return model.SerializeToString()
+
+
+def session(model: bytes, library=None):
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = 1
+    if library is not None:
+        opts.register_custom_ops_library(str(library))
+    return ort.InferenceSession(model, opts, providers=["CPUExecutionProvider"])
+
+
+def reference(q, k, v, heads, scale):
+    split = lambda x: x.astype(np.float64).reshape(x.shape[0], x.shape[1], heads, -1).transpose(0, 2, 1, 3)
+    s = split(q) @ split(k).transpose(0, 1, 3, 2) * scale  # (B, heads, S, L)
+    p = np.exp(s - s.max(-1, keepdims=True))
+    out = (p / p.sum(-1, keepdims=True)) @ split(v)
+    return out.transpose(0, 2, 1, 3).reshape(q.shape)
+
+
+def inputs(b, s, l, h, d, seed=0):
+    rng = np.random.default_rng(seed)
+    return [(3 * rng.standard_normal((b, n, h * d))).astype(np.float32) for n in (s, l, l)]  # wide scores
+
+
+@pytest.fixture(scope="module")
+def library():
+    native_ops.reset()
+    path = native_ops.library()
+    assert path is not None, native_ops.status().detail  # this machine has g++: the kernel must build
+    return path
+
+
+@pytest.mark.parametrize("b,s,l,h,d", SHAPES)
+def test_the_kernel_matches_float64_attention_and_is_the_one_running(library, b, s, l, h, d):
+    q, k, v = inputs(b, s, l, h, d)
+    scale = d ** -0.5
+    sess = session(attention_graph(h * d, h, scale), library)
+    before = native_ops.attention_calls(library)
+    out = sess.run(None, {"q": q, "k": k, "v": v})[0]
+    assert native_ops.attention_calls(library) == before + 1  # sdrt's kernel ran, not the function body
+    want = reference(q, k, v, h, scale)
+    assert out.shape == q.shape and np.abs(out - want).max() <= 2e-5 * max(1.0, np.abs(want).max())
+
+
+def test_without_the_library_the_graphs_function_runs_and_agrees(library):
+    q, k, v = inputs(2, 64, 77, 4, 10, seed=1)
+    model = attention_graph(40, 4, 10 ** -0.5)
+    before = native_ops.attention_calls(library)
+    fallback = session(model).run(None, {"q": q, "k": k, "v": v})[0]
+    assert native_ops.attention_calls(library) == before  # ONNX Runtime's MultiHeadAttention ran instead
+    native = session(model, library).run(None, {"q": q, "k": k, "v": v})[0]
+    assert np.abs(fallback - native).max() <= 1e-5 * np.abs(fallback).max()  # float32 rounding apart
+
+
+def test_a_call_the_exporter_never_writes_gets_nans_not_a_crash(library):
+    q, k, v = inputs(1, 8, 8, 4, 10)  # width 40 over 3 heads does not divide
+    out = session(attention_graph(40, 3, 0.3), library).run(None, {"q": q, "k": k, "v": v})[0]
+    assert out.shape == q.shape and np.isnan(out).all()
+
+
+def test_the_cpu_backend_runs_the_sd1_unet_on_the_kernel(pipes, library):
+    from conftest import latents
+
+    unet = pipes["sd1"].engines["unet"]
+    assert unet.path.name == "model.cpu.onnx" and unet.native_ops
+    before = native_ops.attention_calls(library)
+    pipes["sd1"].txt2img("a red cube", steps=2, latents=latents(1, seed=2))
+    assert native_ops.attention_calls(library) > before
+
+
+def test_the_switch_and_a_missing_compiler_turn_it_off_with_the_reason(monkeypatch, tmp_path):
+    monkeypatch.setenv(native_ops.SWITCH, "0")
+    assert native_ops.library() is None and "SDRT_NATIVE_OPS=0" in native_ops.status().detail
+    native_ops.reset()
+    monkeypatch.delenv(native_ops.SWITCH)
+    monkeypatch.setenv("CXX", str(tmp_path / "no-such-compiler"))
+    status = native_ops.status()
+    assert status.path is None and "no-such-compiler" in status.detail and "does not run" in status.detail
+
+
+def test_a_compiler_that_fails_is_reported_and_nothing_half_built_is_left(monkeypatch, tmp_path):
+    fake = tmp_path / "cxx"
+    fake.write_text("#!/bin/sh\n[ \"$1\" = --version ] && { echo fake 1.0; exit 0; }\n"
+                    "echo 'sdrt_ops.cpp:1: error: out of registers' >&2; exit 1\n")
+    fake.chmod(0o755)
+    monkeypatch.setenv("CXX", str(fake))
+    monkeypatch.setenv(native_ops.CACHE_DIR, str(tmp_path / "cache"))
+    status = native_ops.status()
+    assert status.path is None and "out of registers" in status.detail and "building it failed" in status.detail
+    assert not [p for p in (tmp_path / "cache").rglob("*") if p.is_file()]  # no partial library in the cache
+
+
+PROBE = textwrap.dedent("""
+    import json, sys
+    from sdrt.runtime import native_ops
+    s = native_ops.status()
+    print(json.dumps({"path": str(s.path) if s.path else None, "detail": s.detail}))
+""")
+
+
+def probe(env: dict) -> dict:
+    done = subprocess.run([sys.executable, "-c", PROBE], env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr
+    return json.loads(done.stdout)
+
+
+def test_the_build_is_cached_and_a_broken_cached_library_is_rebuilt(tmp_path):
+    """Each step in its own process: a process that has loaded a library keeps it however the file changes."""
+    env = {**os.environ, native_ops.CACHE_DIR: str(tmp_path)}
+    first = probe(env)
+    assert first["path"] and first["detail"].startswith("built")
+    second = probe(env)
+    assert second == {"path": first["path"], "detail": f"cached at {first['path']}"}
+    broken = tmp_path / "broken.so"
+    broken.write_bytes(b"\x7fELF truncated")
+    os.replace(broken, first["path"])  # a torn write, as a crash mid-copy would leave
+    third = probe(env)
+    assert third["path"] == first["path"] and third["detail"].startswith("built")
+
+
+def test_two_processes_building_at_once_both_end_with_a_whole_library(tmp_path):
+    env = {**os.environ, native_ops.CACHE_DIR: str(tmp_path)}
+    procs = [subprocess.Popen([sys.executable, "-c", PROBE], env=env, stdout=subprocess.PIPE, text=True)
+             for _ in range(2)]
+    results = [json.loads(p.communicate(timeout=600)[0]) for p in procs]
+    assert results[0]["path"] == results[1]["path"] is not None
+    assert [p.name for p in tmp_path.rglob("*") if p.is_file()] == [native_ops.LIBRARY]  # no temporary left
