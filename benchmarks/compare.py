@@ -179,14 +179,17 @@ def main() -> None:
     ap.add_argument("--warmup", type=int, default=1)
     ap.add_argument("--threads", type=int, help="for both sides (default: every core)")
     ap.add_argument("--peer-threads", type=int, help="diffusers' threads (default: sdrt's)")
+    ap.add_argument("--settle", type=float, default=0.2,
+                    help="seconds of idle before each side's run, so neither runs beside the other's spinning "
+                         "worker threads (ONNX Runtime's and OpenMP's spin a while after their work); default 0.2")
     ap.add_argument("--backend", default="auto", help="sdrt's backend")
     ap.add_argument("--prompt", default=PROMPT)
     ap.add_argument("--json", type=Path, help="write the result here")
     args = ap.parse_args()
     if args.tiny == (args.bundle is not None) or (args.bundle is None) != (args.src is None):
         ap.error("give BUNDLE and SRC, or --tiny")
-    if args.runs < 1 or args.warmup < 0 or (args.threads or 1) < 1 or (args.peer_threads or 1) < 1:
-        ap.error("--runs, --threads and --peer-threads must be >= 1 and --warmup >= 0")
+    if args.runs < 1 or args.warmup < 0 or (args.threads or 1) < 1 or (args.peer_threads or 1) < 1 or args.settle < 0:
+        ap.error("--runs, --threads and --peer-threads must be >= 1, --warmup and --settle >= 0")
 
     import diffusers
     import torch
@@ -222,11 +225,13 @@ def main() -> None:
     theirs: dict[str, list[dict]] = {p.name: [] for p in others}
     images: dict[str, np.ndarray] = {}
     for n in range(args.warmup + args.runs):  # A B A B
+        time.sleep(args.settle)
         t, images["sdrt"] = run_sdrt(pipe, *request, sampler)
         line = [f"sdrt {t['end_to_end'] * 1e3:.1f} ms"]
         if n >= args.warmup:
             ours.append(t)
         for p in others:
+            time.sleep(args.settle)
             t, images[p.name] = p.run(*request)
             line.append(f"{p.name} {t['end_to_end'] * 1e3:.1f} ms")
             if n >= args.warmup:
@@ -244,7 +249,7 @@ def main() -> None:
         "config": {"model": "tiny sd1 (tests/tiny_models.py)" if args.tiny else str(src), "bundle_hash": m.model_hash,
                    "height": height, "width": width, "batch": args.batch, "steps": args.steps, "sampler": sampler,
                    "guidance": args.guidance, "model_calls": len(ours[0]["unet"]), "runs": args.runs,
-                   "warmup": args.warmup, "threads": threads, "prompt": args.prompt, "latents": "numpy PCG64 seed 0"},
+                   "warmup": args.warmup, "settle_s": args.settle, "threads": threads, "prompt": args.prompt, "latents": "numpy PCG64 seed 0"},
         "sdrt": {"backend": args.backend, "stages": sdrt_stats},
         "peers": {},
     }
