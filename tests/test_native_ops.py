@@ -1,6 +1,7 @@
-"""sdrt's own CPU operators (runtime/native_ops.py, runtime/native/): the attention kernel against a float64
-numpy reference, the graph's function fallback against the kernel, and the build cache's failure modes.
-The SD1 test bundle's U-Net uses the kernel (head size 8), so every SD1 parity test runs through it too."""
+"""sdrt's own CPU operators (runtime/native_ops.py, runtime/native/, export/native_graph.py): each kernel against
+a float64 numpy reference, the graph's function fallback against the kernel, the group-norm rewrite, and the
+build cache's failure modes. The SD1 test bundle's U-Net uses both kernels (head size 8, a small model), so
+every SD1 parity test runs through them too."""
 from __future__ import annotations
 
 import json
@@ -14,7 +15,7 @@ import onnxruntime as ort
 import pytest
 from onnx import helper, TensorProto
 
-from sdrt.export import cpu_graph
+from sdrt.export import native_graph
 from sdrt.runtime import native_ops
 
 # (batch, queries, keys, heads, head size): the compiled-in head sizes (8, 10, 16, 20, 32) and others, blocks of
@@ -31,12 +32,12 @@ def fresh_status():
 
 
 def attention_graph(width: int, heads: int, scale: float) -> bytes:
-    node = helper.make_node("Attention", ["q", "k", "v"], ["out"], domain=cpu_graph.NATIVE_DOMAIN,
+    node = helper.make_node("Attention", ["q", "k", "v"], ["out"], domain=native_graph.DOMAIN,
                             num_heads=heads, scale=scale)
     graph = helper.make_graph([node], "g", [helper.make_tensor_value_info(n, TensorProto.FLOAT, ["B", n + "len", width])
                                             for n in "qkv"], [helper.make_tensor_value_info("out", TensorProto.FLOAT, None)])
-    model = helper.make_model(graph, functions=[cpu_graph._attention_function()],
-                              opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid(cpu_graph.NATIVE_DOMAIN, 1)])
+    model = helper.make_model(graph, functions=[native_graph.attention_function()],
+                              opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid(native_graph.DOMAIN, 1)])
     return model.SerializeToString()
 
 
@@ -74,9 +75,9 @@ def test_the_kernel_matches_float64_attention_and_is_the_one_running(library, b,
     q, k, v = inputs(b, s, l, h, d)
     scale = d ** -0.5
     sess = session(attention_graph(h * d, h, scale), library)
-    before = native_ops.attention_calls(library)
+    before = native_ops.calls(library, "attention")
     out = sess.run(None, {"q": q, "k": k, "v": v})[0]
-    assert native_ops.attention_calls(library) == before + 1  # sdrt's kernel ran, not the function body
+    assert native_ops.calls(library, "attention") == before + 1  # sdrt's kernel ran, not the function body
     want = reference(q, k, v, h, scale)
     assert out.shape == q.shape and np.abs(out - want).max() <= 2e-5 * max(1.0, np.abs(want).max())
 
@@ -84,9 +85,9 @@ def test_the_kernel_matches_float64_attention_and_is_the_one_running(library, b,
 def test_without_the_library_the_graphs_function_runs_and_agrees(library):
     q, k, v = inputs(2, 64, 77, 4, 10, seed=1)
     model = attention_graph(40, 4, 10 ** -0.5)
-    before = native_ops.attention_calls(library)
+    before = native_ops.calls(library, "attention")
     fallback = session(model).run(None, {"q": q, "k": k, "v": v})[0]
-    assert native_ops.attention_calls(library) == before  # ONNX Runtime's MultiHeadAttention ran instead
+    assert native_ops.calls(library, "attention") == before  # ONNX Runtime's MultiHeadAttention ran instead
     native = session(model, library).run(None, {"q": q, "k": k, "v": v})[0]
     assert np.abs(fallback - native).max() <= 1e-5 * np.abs(fallback).max()  # float32 rounding apart
 
@@ -97,14 +98,14 @@ def test_a_call_the_exporter_never_writes_gets_nans_not_a_crash(library):
     assert out.shape == q.shape and np.isnan(out).all()
 
 
-def test_the_cpu_backend_runs_the_sd1_unet_on_the_kernel(pipes, library):
+def test_the_cpu_backend_runs_the_sd1_unet_on_the_kernels(pipes, library):
     from conftest import latents
 
     unet = pipes["sd1"].engines["unet"]
     assert unet.path.name == "model.cpu.onnx" and unet.native_ops
-    before = native_ops.attention_calls(library)
+    before = {k: native_ops.calls(library, k) for k in ("attention", "group_norm")}
     pipes["sd1"].txt2img("a red cube", steps=2, latents=latents(1, seed=2))
-    assert native_ops.attention_calls(library) > before
+    assert all(native_ops.calls(library, k) > n for k, n in before.items())
 
 
 def test_the_switch_and_a_missing_compiler_turn_it_off_with_the_reason(monkeypatch, tmp_path):
@@ -164,3 +165,92 @@ def test_two_processes_building_at_once_both_end_with_a_whole_library(tmp_path):
     results = [json.loads(p.communicate(timeout=600)[0]) for p in procs]
     assert results[0]["path"] == results[1]["path"] is not None
     assert [p.name for p in tmp_path.rglob("*") if p.is_file()] == [native_ops.LIBRARY]  # no temporary left
+
+
+# --- GroupNorm / GroupNormSiLU -------------------------------------------------------------------------------
+
+def group_norm_graph(channels: int, groups: int, silu: bool) -> bytes:
+    op = "GroupNormSiLU" if silu else "GroupNorm"
+    node = helper.make_node(op, ["x", "gamma", "beta"], ["out"], domain=native_graph.DOMAIN, groups=groups,
+                            epsilon=1e-5)
+    graph = helper.make_graph([node], "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", channels, "H", "W"]),
+                                            helper.make_tensor_value_info("gamma", TensorProto.FLOAT, [channels, 1, 1]),
+                                            helper.make_tensor_value_info("beta", TensorProto.FLOAT, [channels, 1, 1])],
+                              [helper.make_tensor_value_info("out", TensorProto.FLOAT, None)])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    native_graph.add_functions(model)
+    return model.SerializeToString()
+
+
+def group_norm_reference(x, gamma, beta, groups, silu):
+    n, c = x.shape[:2]
+    g = x.astype(np.float64).reshape(n, groups, -1)
+    y = ((g - g.mean(-1, keepdims=True)) / np.sqrt(g.var(-1, keepdims=True) + 1e-5)).reshape(x.shape)
+    y = y * gamma.reshape(1, c, 1, 1) + beta.reshape(1, c, 1, 1)
+    return y / (1 + np.exp(-y)) if silu else y
+
+
+# (N, C, H, W, groups): the embedded U-Net's, a spatial size that is not a multiple of 16, one pixel
+NORMS = [(2, 40, 8, 8, 8), (1, 80, 4, 4, 8), (3, 6, 5, 7, 3), (1, 4, 1, 1, 2), (2, 32, 16, 16, 32)]
+
+
+@pytest.mark.parametrize("silu", [False, True])
+@pytest.mark.parametrize("n,c,h,w,groups", NORMS)
+def test_the_group_norm_kernel_matches_float64_and_its_function(library, n, c, h, w, groups, silu):
+    rng = np.random.default_rng(c + h)
+    x = (rng.standard_normal((n, c, h, w)) * 30 + 5).astype(np.float32)  # SiLU far into both tails
+    gamma, beta = (rng.standard_normal((2, c, 1, 1)) * 2).astype(np.float32)
+    model, feeds = group_norm_graph(c, groups, silu), {"x": x, "gamma": gamma, "beta": beta}
+    before = native_ops.calls(library, "group_norm")
+    out = session(model, library).run(None, feeds)[0]
+    assert native_ops.calls(library, "group_norm") == before + 1
+    want = group_norm_reference(x, gamma, beta, groups, silu)
+    assert np.isfinite(out).all() and np.abs(out - want).max() <= 2e-5 * max(1.0, np.abs(want).max())
+    fallback = session(model).run(None, feeds)[0]  # the function body: torch's ops
+    assert native_ops.calls(library, "group_norm") == before + 1
+    assert np.abs(fallback - out).max() <= 2e-5 * max(1.0, np.abs(want).max())
+
+
+def test_a_group_count_that_does_not_divide_the_channels_gets_nans(library):
+    x = np.ones((1, 6, 2, 2), np.float32)
+    gamma = beta = np.ones((6, 1, 1), np.float32)
+    out = session(group_norm_graph(6, 4, True), library).run(None, {"x": x, "gamma": gamma, "beta": beta})[0]
+    assert np.isnan(out).all()
+
+
+def test_torchs_group_norm_patterns_are_rewritten_and_compute_the_same(library, tmp_path):
+    """norm1 + SiLU, norm2 alone, and norm3 + SiLU whose input is also read elsewhere: three rewrites; the graph
+    computes what torch's export computed, with the library and without."""
+    import onnx
+    import torch
+
+    class Block(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.norm1, self.norm2, self.norm3 = (torch.nn.GroupNorm(4, 8) for _ in range(3))
+            self.conv = torch.nn.Conv2d(8, 8, 3, padding=1)
+
+        def forward(self, x):
+            h = self.conv(torch.nn.functional.silu(self.norm1(x)))
+            h = self.conv(self.norm2(h)) + h
+            return torch.nn.functional.silu(self.norm3(h)) * h
+
+    torch.manual_seed(0)
+    block = Block().eval()
+    for norm in (block.norm1, block.norm2, block.norm3):
+        torch.nn.init.normal_(norm.weight), torch.nn.init.normal_(norm.bias)
+    x = torch.randn(2, 8, 6, 6)
+    path = tmp_path / "block.onnx"
+    torch.onnx.export(block, (x,), str(path), input_names=["x"], output_names=["y"], opset_version=17,
+                      dynamic_axes={"x": {0: "N", 2: "H", 3: "W"}}, dynamo=False)
+    model = onnx.load(str(path))
+    plain = model.SerializeToString()
+    assert native_graph.fuse_group_norms(model) == 3
+    ops = sorted(n.op_type for n in model.graph.node if n.domain == native_graph.DOMAIN)
+    assert ops == ["GroupNorm", "GroupNormSiLU", "GroupNormSiLU"]
+    assert not {"InstanceNormalization", "Sigmoid"} & {n.op_type for n in model.graph.node}
+    feeds = {"x": x.numpy()}
+    want = session(plain).run(None, feeds)[0]
+    for lib in (library, None):
+        got = session(model.SerializeToString(), lib).run(None, feeds)[0]
+        assert np.abs(got - want).max() <= 1e-5 * np.abs(want).max()

@@ -20,7 +20,7 @@ from ..runtime import names, native_ops, request
 from ..runtime.fsutil import atomic_write_bytes, fsync_dir, make_temp_dir, relax_permissions, sha256_file
 from ..runtime.manifest import GraphSpec, Manifest, TensorSpec
 from ..runtime.tokenizer import ClipTokenizer, load_tokenizer_files
-from . import cpu_graph, trace, verify, winograd
+from . import cpu_graph, native_graph, trace, verify, winograd
 from . import int8 as int8_mod
 from .source import Source, load_source
 
@@ -220,13 +220,13 @@ def _write_cpu_graph(comp: str, traced, path: Path, conv_sizes: dict, rule: str,
 
 
 def _verify_cpu_graph(comp: str, expected: list, path: Path, feeds: dict) -> dict[str, float]:
-    """The CPU graph's error on ONNX Runtime's operators and, where it uses sdrt's (cpu_graph.NATIVE_DOMAIN) and
+    """The CPU graph's error on ONNX Runtime's operators and, where it uses sdrt's (export/native_graph.py) and
     this machine has them (runtime/native_ops.py), on those too: a bundle runs either way."""
     import onnx
 
     key = f"{comp} ({names.CPU_MODEL_FILE})"
     runs = {key: None}
-    if any(n.domain == cpu_graph.NATIVE_DOMAIN for n in onnx.load(str(path), load_external_data=False).graph.node):
+    if any(n.domain == native_graph.DOMAIN for n in onnx.load(str(path), load_external_data=False).graph.node):
         if (library := native_ops.library()) is not None:
             runs[f"{key}, sdrt operators"] = library
     try:

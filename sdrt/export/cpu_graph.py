@@ -35,7 +35,8 @@ import warnings
 from pathlib import Path
 
 from ..runtime import names
-from . import trace, winograd
+from ..runtime.engine import OrtEngine
+from . import native_graph, trace, winograd
 
 POLICIES = ("auto", "always", "never")  # whether the export writes this graph
 AUTO_MIN_TOKENS = 1024  # latent pixels (H/8 * W/8) at the default size from which "auto" writes the VAE's graph
@@ -46,7 +47,6 @@ MAX_UNMATCHED_BYTES = 1 << 16  # the new graph may add small constants, never a 
 # benchmarks/NOTES.md, section 10).
 NATIVE_MAX_HEAD_SIZE = 20
 NATIVE_MAX_SCORES = 1 << 17
-NATIVE_DOMAIN = "ai.sdrt"
 
 
 class Unsupported(Exception):
@@ -76,7 +76,7 @@ def _processor():
 
         @staticmethod
         def symbolic(g, q, k, v, heads: int, scale: float, native: bool):
-            op = f"{NATIVE_DOMAIN}::Attention" if native else "com.microsoft::MultiHeadAttention"
+            op = f"{native_graph.DOMAIN}::Attention" if native else "com.microsoft::MultiHeadAttention"
             out = g.op(op, q, k, v, num_heads_i=heads, scale_f=scale)
             out.setType(q.type())  # same shape and dtype as q; tells torch's shape inference
             return out
@@ -101,20 +101,6 @@ def _processor():
     return FusedAttention()
 
 
-def _attention_function():
-    """ai.sdrt Attention as an ONNX function: the com.microsoft operator it stands for. ONNX Runtime runs sdrt's
-    kernel when the library is registered (runtime/native_ops.py) and inlines this body when it is not."""
-    import onnx
-    from onnx import helper
-
-    core = helper.make_node("MultiHeadAttention", ["q", "k", "v"], ["out"], domain="com.microsoft")
-    core.attribute.extend([helper.make_attribute_ref("num_heads", onnx.AttributeProto.INT),
-                           helper.make_attribute_ref("scale", onnx.AttributeProto.FLOAT)])
-    return helper.make_function(NATIVE_DOMAIN, "Attention", ["q", "k", "v"], ["out"], [core],
-                                [helper.make_opsetid("com.microsoft", 1), helper.make_opsetid("", trace.OPSET)],
-                                attributes=["num_heads", "scale"])
-
-
 def _trace(module, inputs, in_names, out_names, axes, scratch: Path):
     """The U-Net with the fused processor, as an in-memory ModelProto with its weights."""
     import onnx
@@ -131,8 +117,7 @@ def _trace(module, inputs, in_names, out_names, axes, scratch: Path):
                               dynamic_axes=axes, opset_version=trace.OPSET, do_constant_folding=True,
                               dynamo=False)  # custom domains get opset version 1
         model = onnx.load(str(raw))
-        if any(n.domain == NATIVE_DOMAIN for n in model.graph.node):
-            model.functions.append(_attention_function())
+        native_graph.add_functions(model)  # for the small attentions traced as sdrt's operator
         return model
     finally:
         unet.set_attn_processor(saved)
@@ -205,6 +190,7 @@ def write_cpu_graph(module, inputs, in_names, out_names, axes, plain_graph: Path
         with tempfile.TemporaryDirectory(dir=plain_graph.parent.parent) as scratch:
             model = _trace(module, inputs, in_names, out_names, axes, Path(scratch))
         convs = winograd.rewrite(model, conv_sizes, winograd_rule)  # before sharing: the trace's own weight names
+        norms = native_graph.fuse_group_norms(model) if _one_thread(module) else 0
         _share_weights(model, _plain_weights(plain_graph))
     except Unsupported as e:
         log(f"unet: no fused-attention graph ({e}); the CPU backend uses the plain graph")
@@ -212,10 +198,16 @@ def write_cpu_graph(module, inputs, in_names, out_names, axes, plain_graph: Path
     target = plain_graph.parent / names.CPU_MODEL_FILE
     onnx.save_model(model, str(target))
     count = sum(1 for n in model.graph.node if n.op_type in ("MultiHeadAttention", "Attention"))
-    native = sum(1 for n in model.graph.node if n.domain == NATIVE_DOMAIN)
-    log(f"unet: {count} attention layers fused ({native} as sdrt's kernel) and {convs} convolutions in Winograd form for ONNX Runtime on the "
-        f"CPU ({names.CPU_MODEL_FILE})")
+    native = sum(1 for n in model.graph.node if n.domain == native_graph.DOMAIN and n.op_type == "Attention")
+    log(f"unet: {count} attention layers fused ({native} as sdrt's kernel), {norms} group norms as sdrt's kernel "
+        f"and {convs} convolutions in Winograd form for ONNX Runtime on the CPU ({names.CPU_MODEL_FILE})")
     return target
+
+
+def _one_thread(module) -> bool:
+    """Whether ONNX Runtime will run this U-Net on one thread per call (runtime/engine.py), where sdrt's
+    single-threaded group norm kernel gives nothing away to ONNX Runtime's threaded one."""
+    return sum(p.numel() * p.element_size() for p in module.parameters()) <= OrtEngine.SPLIT_MAX_WEIGHT_BYTES
 
 
 def write_winograd_graph(plain_graph: Path, conv_sizes: dict, comp: str, log=print,

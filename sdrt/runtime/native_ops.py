@@ -27,12 +27,12 @@ from pathlib import Path
 
 SWITCH = "SDRT_NATIVE_OPS"  # "0" turns the library off
 CACHE_DIR = "SDRT_CACHE_DIR"  # default: $XDG_CACHE_HOME/sdrt, else ~/.cache/sdrt
-SOURCES = ("sdrt_ops.cpp", "attention.h")
+SOURCES = ("sdrt_ops.cpp", "attention.h", "group_norm.h")
 LIBRARY = "libsdrt_ops.so"
 FLAGS = ("-std=c++17", "-O3", "-fPIC", "-shared", "-fvisibility=hidden")
 TUNED = ("-march=native",)  # dropped when the compiler refuses it (some ARM compilers); the kernels still build
 BUILD_TIMEOUT_S = 300
-SYMBOLS = ("RegisterCustomOps", "sdrt_ops_attention_calls")
+SYMBOLS = ("RegisterCustomOps", "sdrt_ops_attention_calls", "sdrt_ops_group_norm_calls")
 
 
 @dataclass(frozen=True)
@@ -68,12 +68,12 @@ def reset() -> None:
         _status = None
 
 
-def attention_calls(path: Path) -> int:
-    """How many Attention calls the library at path has computed in this process (ONNX Runtime and ctypes
-    share one loaded copy of a file)."""
-    lib = ctypes.CDLL(str(path))
-    lib.sdrt_ops_attention_calls.restype = ctypes.c_uint64
-    return int(lib.sdrt_ops_attention_calls())
+def calls(path: Path, kernel: str) -> int:
+    """How many calls kernel ("attention", "group_norm") of the library at path has computed in this process
+    (ONNX Runtime and ctypes share one loaded copy of a file)."""
+    counter = getattr(ctypes.CDLL(str(path)), f"sdrt_ops_{kernel}_calls")
+    counter.restype = ctypes.c_uint64
+    return int(counter())
 
 
 def cache_root() -> Path:

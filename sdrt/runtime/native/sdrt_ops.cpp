@@ -1,7 +1,9 @@
 // sdrt's operators for ONNX Runtime's CPU execution provider, as a custom-operator library
 // (SessionOptions.register_custom_ops_library). Built on the user's machine by sdrt/runtime/native_ops.py.
 //
-//   ai.sdrt Attention(q, k, v; num_heads: int, scale: float) -> out   (attention.h)
+//   ai.sdrt Attention(q, k, v; num_heads: int, scale: float) -> out                     (attention.h)
+//   ai.sdrt GroupNorm(x, gamma, beta; groups: int, epsilon: float) -> out                (group_norm.h)
+//   ai.sdrt GroupNormSiLU(x, gamma, beta; groups: int, epsilon: float) -> out, then SiLU
 //
 // The exported graph declares each of these as an ONNX function whose body is the standard or com.microsoft
 // operators (export/cpu_graph.py), so a graph runs the same without this library, only slower.
@@ -17,6 +19,7 @@
 #include <limits>
 
 #include "attention.h"
+#include "group_norm.h"
 
 extern "C" {
 struct OrtStatus;
@@ -86,14 +89,21 @@ bool ok(const OrtApi* api, OrtStatus* status) {
 }
 
 std::atomic<uint64_t> attention_calls{0};
+std::atomic<uint64_t> group_norm_calls{0};
 
 struct Tensor {
   const float* data = nullptr;
-  int64_t dims[3] = {0, 0, 0};
+  int64_t dims[8] = {};
+  size_t rank = 0;
+  int64_t size() const {
+    int64_t n = 1;
+    for (size_t i = 0; i < rank; ++i) n *= dims[i];
+    return n;
+  }
 };
 
-// A (B, N, C) float input; false when it is not rank 3.
-bool input3(const OrtApi* api, OrtKernelContext* ctx, size_t index, Tensor& out) {
+// A float input of rank 1 to 8; false when it can't be read.
+bool input(const OrtApi* api, OrtKernelContext* ctx, size_t index, Tensor& out) {
   using GetInput = OrtStatus* (*)(const OrtKernelContext*, size_t, const OrtValue**);
   using TypeAndShape = OrtStatus* (*)(const OrtValue*, OrtTensorTypeAndShapeInfo**);
   using DimsCount = OrtStatus* (*)(const OrtTensorTypeAndShapeInfo*, size_t*);
@@ -101,78 +111,117 @@ bool input3(const OrtApi* api, OrtKernelContext* ctx, size_t index, Tensor& out)
   using MutableData = OrtStatus* (*)(OrtValue*, void**);
   const OrtValue* value = nullptr;
   OrtTensorTypeAndShapeInfo* info = nullptr;
-  size_t rank = 0;
   void* data = nullptr;
   if (!ok(api, slot<GetInput>(api, kKernelContextGetInput)(ctx, index, &value)) || value == nullptr) return false;
   if (!ok(api, slot<TypeAndShape>(api, kGetTensorTypeAndShape)(value, &info))) return false;
-  bool good = ok(api, slot<DimsCount>(api, kGetDimensionsCount)(info, &rank)) && rank == 3 &&
-              ok(api, slot<Dims>(api, kGetDimensions)(info, out.dims, 3));
+  bool good = ok(api, slot<DimsCount>(api, kGetDimensionsCount)(info, &out.rank)) && out.rank >= 1 &&
+              out.rank <= 8 && ok(api, slot<Dims>(api, kGetDimensions)(info, out.dims, out.rank));
   slot<void (*)(OrtTensorTypeAndShapeInfo*)>(api, kReleaseTensorTypeAndShapeInfo)(info);
   good = good && ok(api, slot<MutableData>(api, kGetTensorMutableData)(const_cast<OrtValue*>(value), &data));
   out.data = static_cast<const float*>(data);
   return good;
 }
 
-struct AttentionKernel {
-  const OrtApi* api;
-  int64_t heads;
-  float scale;
+// Output 0 with the given shape, or nullptr.
+float* output(const OrtApi* api, OrtKernelContext* ctx, const Tensor& like) {
+  using GetOutput = OrtStatus* (*)(OrtKernelContext*, size_t, const int64_t*, size_t, OrtValue**);
+  using MutableData = OrtStatus* (*)(OrtValue*, void**);
+  OrtValue* value = nullptr;
+  void* data = nullptr;
+  if (!ok(api, slot<GetOutput>(api, kKernelContextGetOutput)(ctx, 0, like.dims, like.rank, &value)) ||
+      !ok(api, slot<MutableData>(api, kGetTensorMutableData)(value, &data)))
+    return nullptr;
+  return static_cast<float*>(data);
+}
 
-  // A malformed call (which the exporter never writes) gets NaNs, which sdrt's pipeline reports as such:
-  // a version-1 kernel has no way to return an error.
-  void compute(OrtKernelContext* ctx) const {
-    using GetOutput = OrtStatus* (*)(OrtKernelContext*, size_t, const int64_t*, size_t, OrtValue**);
-    using MutableData = OrtStatus* (*)(OrtValue*, void**);
+// A malformed call (which the exporter never writes) gets NaNs, which sdrt's pipeline reports as such:
+// a version-1 kernel has no way to return an error.
+void fill_nan(float* out, int64_t n) { std::fill(out, out + n, std::numeric_limits<float>::quiet_NaN()); }
+
+// What every operator here is: its ONNX name, its input count, and what one call does with its attributes.
+struct OpDef {
+  OrtCustomOp op;  // first: ONNX Runtime's callbacks receive &op, which is the OpDef
+  const char* name;
+  size_t inputs;
+  bool silu;  // GroupNormSiLU
+};
+
+struct Kernel {
+  const OrtApi* api;
+  const OpDef* def;
+  int64_t count;  // num_heads (Attention), groups (GroupNorm)
+  float value;    // scale (Attention), epsilon (GroupNorm)
+
+  void attention(OrtKernelContext* ctx) const {
     Tensor q, k, v;
-    const bool inputs = input3(api, ctx, 0, q) && input3(api, ctx, 1, k) && input3(api, ctx, 2, v);
-    OrtValue* out_value = nullptr;
-    void* out = nullptr;
-    if (!ok(api, slot<GetOutput>(api, kKernelContextGetOutput)(ctx, 0, q.dims, 3, &out_value)) ||
-        !ok(api, slot<MutableData>(api, kGetTensorMutableData)(out_value, &out)) || out == nullptr)
-      return;
-    float* o = static_cast<float*>(out);
+    const bool read = input(api, ctx, 0, q) && input(api, ctx, 1, k) && input(api, ctx, 2, v) && q.rank == 3;
+    if (!read) return;
+    float* out = output(api, ctx, q);
+    if (out == nullptr) return;
     const int64_t width = q.dims[2];
-    const bool valid = inputs && heads > 0 && width % heads == 0 && k.dims[0] == q.dims[0] &&
+    const bool valid = k.rank == 3 && v.rank == 3 && count > 0 && width % count == 0 && k.dims[0] == q.dims[0] &&
                        v.dims[0] == q.dims[0] && k.dims[1] == v.dims[1] && k.dims[2] == width &&
                        v.dims[2] == width && k.dims[1] > 0;
-    if (!valid) {
-      std::fill(o, o + q.dims[0] * q.dims[1] * width, std::numeric_limits<float>::quiet_NaN());
-      return;
-    }
-    sdrt::attention(q.data, k.data, v.data, o, q.dims[0], q.dims[1], k.dims[1], heads, width / heads, scale);
+    if (!valid) return fill_nan(out, q.size());
+    sdrt::attention(q.data, k.data, v.data, out, q.dims[0], q.dims[1], k.dims[1], count, width / count, value);
     attention_calls.fetch_add(1, std::memory_order_relaxed);
+  }
+
+  void group_norm(OrtKernelContext* ctx) const {
+    Tensor x, gamma, beta;
+    const bool read = input(api, ctx, 0, x) && input(api, ctx, 1, gamma) && input(api, ctx, 2, beta) && x.rank >= 2;
+    if (!read) return;
+    float* out = output(api, ctx, x);
+    if (out == nullptr) return;
+    const int64_t N = x.dims[0], C = x.dims[1], spatial = x.size() / std::max<int64_t>(1, N * C);
+    const bool valid = count > 0 && C % count == 0 && gamma.size() == C && beta.size() == C;
+    if (!valid) return fill_nan(out, x.size());
+    sdrt::group_norm(x.data, gamma.data, beta.data, out, N, C, spatial, count, value, def->silu);
+    group_norm_calls.fetch_add(1, std::memory_order_relaxed);
   }
 };
 
-void* create_attention(const OrtCustomOp*, const OrtApi* api, const OrtKernelInfo* info) {
+void* create_kernel(const OrtCustomOp* op, const OrtApi* api, const OrtKernelInfo* info) {
   using GetInt = OrtStatus* (*)(const OrtKernelInfo*, const char*, int64_t*);
   using GetFloat = OrtStatus* (*)(const OrtKernelInfo*, const char*, float*);
-  int64_t heads = 0;
-  float scale = 0.f;
-  if (!ok(api, slot<GetInt>(api, kKernelInfoGetAttributeInt64)(info, "num_heads", &heads))) heads = 0;
-  if (!ok(api, slot<GetFloat>(api, kKernelInfoGetAttributeFloat)(info, "scale", &scale))) scale = 0.f;
-  return new AttentionKernel{api, heads, scale};
+  const OpDef* def = reinterpret_cast<const OpDef*>(op);
+  const bool attention = std::strcmp(def->name, "Attention") == 0;
+  int64_t count = 0;
+  float value = 0.f;
+  if (!ok(api, slot<GetInt>(api, kKernelInfoGetAttributeInt64)(info, attention ? "num_heads" : "groups", &count)))
+    count = 0;
+  if (!ok(api, slot<GetFloat>(api, kKernelInfoGetAttributeFloat)(info, attention ? "scale" : "epsilon", &value)))
+    value = attention ? 0.f : 1e-5f;
+  return new Kernel{api, def, count, value};
 }
 
-OrtCustomOp attention_op() {
-  OrtCustomOp op{};
+OpDef define(const char* name, size_t inputs, bool silu) {
+  OpDef def{};
+  def.name = name;
+  def.inputs = inputs;
+  def.silu = silu;
+  OrtCustomOp& op = def.op;
   op.version = kApiVersion;
-  op.CreateKernel = create_attention;
-  op.GetName = [](const OrtCustomOp*) { return "Attention"; };
+  op.CreateKernel = create_kernel;
+  op.GetName = [](const OrtCustomOp* op) { return reinterpret_cast<const OpDef*>(op)->name; };
   op.GetExecutionProviderType = [](const OrtCustomOp*) -> const char* { return nullptr; };  // CPU
   op.GetInputType = [](const OrtCustomOp*, size_t) { return kFloat; };
-  op.GetInputTypeCount = [](const OrtCustomOp*) -> size_t { return 3; };
+  op.GetInputTypeCount = [](const OrtCustomOp* op) { return reinterpret_cast<const OpDef*>(op)->inputs; };
   op.GetOutputType = [](const OrtCustomOp*, size_t) { return kFloat; };
   op.GetOutputTypeCount = [](const OrtCustomOp*) -> size_t { return 1; };
-  op.KernelCompute = [](void* kernel, OrtKernelContext* ctx) { static_cast<AttentionKernel*>(kernel)->compute(ctx); };
-  op.KernelDestroy = [](void* kernel) { delete static_cast<AttentionKernel*>(kernel); };
+  op.KernelCompute = [](void* kernel, OrtKernelContext* ctx) {
+    const Kernel* k = static_cast<Kernel*>(kernel);
+    if (std::strcmp(k->def->name, "Attention") == 0) k->attention(ctx); else k->group_norm(ctx);
+  };
+  op.KernelDestroy = [](void* kernel) { delete static_cast<Kernel*>(kernel); };
   op.GetInputCharacteristic = [](const OrtCustomOp*, size_t) { return 0; };
   op.GetOutputCharacteristic = [](const OrtCustomOp*, size_t) { return 0; };
   op.GetInputMemoryType = [](const OrtCustomOp*, size_t) { return 0; };
-  return op;
+  return def;
 }
 
-const OrtCustomOp kAttention = attention_op();  // ONNX Runtime keeps the pointer: it must outlive every session
+// ONNX Runtime keeps these pointers: they must outlive every session.
+const OpDef kOps[] = {define("Attention", 3, false), define("GroupNorm", 3, false), define("GroupNormSiLU", 3, true)};
 
 }  // namespace
 
@@ -185,14 +234,16 @@ __attribute__((visibility("default"))) OrtStatus* RegisterCustomOps(OrtSessionOp
   using AddDomain = OrtStatus* (*)(OrtSessionOptions*, OrtCustomOpDomain*);
   const OrtApi* api = base->GetApi(kApiVersion);
   if (api == nullptr) return nullptr;  // an older runtime: register nothing, the graph's functions run instead
-  OrtCustomOpDomain* domain = nullptr;  // owned by the session options from here on (ONNX Runtime's contract)
+  OrtCustomOpDomain* domain = nullptr;  // ONNX Runtime keeps a pointer for the sessions' lifetime: never released
   OrtStatus* status = slot<CreateDomain>(api, kCreateCustomOpDomain)("ai.sdrt", &domain);
-  if (status == nullptr) status = slot<DomainAdd>(api, kCustomOpDomainAdd)(domain, &kAttention);
+  for (const OpDef& def : kOps)
+    if (status == nullptr) status = slot<DomainAdd>(api, kCustomOpDomainAdd)(domain, &def.op);
   if (status == nullptr) status = slot<AddDomain>(api, kAddCustomOpDomain)(options, domain);
   return status;
 }
 
-// How many Attention calls this library has computed, for tests that check the kernel is the one running.
+// How many calls each kernel has computed, for tests that check the kernel is the one running.
 __attribute__((visibility("default"))) uint64_t sdrt_ops_attention_calls() { return attention_calls.load(); }
+__attribute__((visibility("default"))) uint64_t sdrt_ops_group_norm_calls() { return group_norm_calls.load(); }
 
 }  // extern "C"
