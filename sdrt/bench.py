@@ -329,7 +329,8 @@ def bench(bundle=None, backend: str = "auto", sampler: str = "euler", steps: int
         "versions": versions(),
         "config": {
             "bundle": str(pipe.path), "model_hash": pipe.manifest.model_hash, "backend": _backend(pipe),
-            "threads": _threads(engine), "sampler": sampler, "steps": steps,
+            "threads": _threads(engine), "native_ops": getattr(engine, "native_ops", None),
+            "sampler": sampler, "steps": steps,
             "model_calls": timed[0].model_calls, "height": h, "width": w, "batch": batch, "guidance": guidance,
             "unet_batch": 2 * batch if cfg else batch, "runs": runs, "warmup": warmup, "prompt": prompt,
         },
@@ -349,7 +350,8 @@ def format_table(result: dict) -> str:
     c, m, v, mem = result["config"], result["machine"], result["versions"], result["memory"]
     guided = f"batch {c['unet_batch']} with guidance {c['guidance']:g}" if c["unet_batch"] != c["batch"] else "no guidance"
     lines = [
-        f"bundle   {c['bundle']}  ({c['backend']}, {c['threads']} threads)",
+        f"bundle   {c['bundle']}  ({c['backend']}, {c['threads']} threads"
+        + {True: ", sdrt ops on)", False: ", sdrt ops off)"}.get(c.get("native_ops"), ")"),
         f"request  {c['width']}x{c['height']}, batch {c['batch']}, {c['sampler']}, {c['steps']} steps "
         f"({c['model_calls']} U-Net calls, {guided}); {c['runs']} runs after {c['warmup']} warm-up",
         "",
