@@ -12,6 +12,8 @@ Small attentions (head size up to NATIVE_MAX_HEAD_SIZE, a modest score matrix) a
 operator, ai.sdrt Attention, with an ONNX function body that is the com.microsoft operator: ONNX Runtime runs
 sdrt's kernel where runtime/native_ops.py could build it, and the function where it could not. ONNX Runtime's
 kernel spends most of its time around the thin products of such heads (benchmarks/NOTES.md, section 10).
+In a U-Net that ONNX Runtime runs on one thread per call (a small model), torch's group_norm patterns become
+sdrt's GroupNorm and GroupNorm+SiLU operators the same way (export/native_graph.py).
 
 How: the U-Net is traced a second time with an attention processor whose core exports as that operator
 (the projections stay ordinary layers). The new graph holds no weights of its own: each initializer is

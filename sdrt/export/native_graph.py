@@ -110,7 +110,8 @@ def _group_norm_at(norm, producer, consumers, constants, sole):
 
     first = producer.get(norm.input[0])
     scale, shift = constants.get(norm.input[1]), constants.get(norm.input[2])
-    if first is None or first.op_type != "Reshape" or scale is None or shift is None:
+    if first is None or first.op_type != "Reshape" or sole(first.output[0]) is not norm or scale is None or \
+            shift is None:
         return None
     groups = scale.size
     grouping = constants.get(first.input[1])

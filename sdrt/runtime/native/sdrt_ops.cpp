@@ -6,12 +6,13 @@
 //   ai.sdrt GroupNormSiLU(x, gamma, beta; groups: int, epsilon: float) -> out, then SiLU
 //
 // The exported graph declares each of these as an ONNX function whose body is the standard or com.microsoft
-// operators (export/cpu_graph.py), so a graph runs the same without this library, only slower.
+// operators (export/native_graph.py), so a graph runs the same without this library, only slower.
 //
 // The ONNX Runtime wheel ships no C headers, so this file declares the little of its C API it uses. The API
 // is a table of function pointers (OrtApi) that only ever grows at its end; the slots below are those of
 // API version 1, fetched through GetApi(13) with a 13-field OrtCustomOp (the custom-op struct of version 13,
 // which ONNX Runtime keeps reading as such). A NULL status pointer means success.
+#include <algorithm>
 #include <atomic>
 #include <cstddef>
 #include <cstdint>
@@ -60,7 +61,6 @@ constexpr int kFloat = 1;  // ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT
 
 // OrtApi slots (0-based), fixed since API version 1.
 enum Slot : size_t {
-  kCreateStatus = 0,
   kCreateCustomOpDomain = 26,
   kCustomOpDomainAdd = 27,
   kAddCustomOpDomain = 28,
@@ -154,12 +154,11 @@ struct Kernel {
 
   void attention(OrtKernelContext* ctx) const {
     Tensor q, k, v;
-    const bool read = input(api, ctx, 0, q) && input(api, ctx, 1, k) && input(api, ctx, 2, v) && q.rank == 3;
-    if (!read) return;
-    float* out = output(api, ctx, q);
+    float* out = input(api, ctx, 0, q) ? output(api, ctx, q) : nullptr;  // shaped like q, whatever else is wrong
     if (out == nullptr) return;
     const int64_t width = q.dims[2];
-    const bool valid = k.rank == 3 && v.rank == 3 && count > 0 && width % count == 0 && k.dims[0] == q.dims[0] &&
+    const bool valid = input(api, ctx, 1, k) && input(api, ctx, 2, v) && q.rank == 3 && k.rank == 3 &&
+                       v.rank == 3 && count > 0 && width % count == 0 && k.dims[0] == q.dims[0] &&
                        v.dims[0] == q.dims[0] && k.dims[1] == v.dims[1] && k.dims[2] == width &&
                        v.dims[2] == width && k.dims[1] > 0;
     if (!valid) return fill_nan(out, q.size());
@@ -169,12 +168,11 @@ struct Kernel {
 
   void group_norm(OrtKernelContext* ctx) const {
     Tensor x, gamma, beta;
-    const bool read = input(api, ctx, 0, x) && input(api, ctx, 1, gamma) && input(api, ctx, 2, beta) && x.rank >= 2;
-    if (!read) return;
-    float* out = output(api, ctx, x);
+    float* out = input(api, ctx, 0, x) ? output(api, ctx, x) : nullptr;  // shaped like x
     if (out == nullptr) return;
-    const int64_t N = x.dims[0], C = x.dims[1], spatial = x.size() / std::max<int64_t>(1, N * C);
-    const bool valid = count > 0 && C % count == 0 && gamma.size() == C && beta.size() == C;
+    const int64_t N = x.dims[0], C = x.rank >= 2 ? x.dims[1] : 0, spatial = x.size() / std::max<int64_t>(1, N * C);
+    const bool valid = input(api, ctx, 1, gamma) && input(api, ctx, 2, beta) && x.rank >= 2 && count > 0 &&
+                       C % count == 0 && gamma.size() == C && beta.size() == C;
     if (!valid) return fill_nan(out, x.size());
     sdrt::group_norm(x.data, gamma.data, beta.data, out, N, C, spatial, count, value, def->silu);
     group_norm_calls.fetch_add(1, std::memory_order_relaxed);
