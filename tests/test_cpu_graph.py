@@ -78,6 +78,34 @@ def test_the_cpu_backend_opens_it_and_draws_what_the_plain_graph_draws(bundles, 
     assert np.abs(a - b).max() <= 1 / 255
 
 
+@pytest.mark.parametrize("case", ["large", "mixed"])
+def test_where_sdrts_operators_stop_the_graph_keeps_onnx_runtimes_and_draws_the_same(models, plain_bundle, tmp_path,
+                                                                                    monkeypatch, case):
+    """large: what SD 1.5 and 2.1 get (head sizes 40-160, gigabytes of weights), no sdrt operator at all; mixed:
+    attentions over more than 16 x 77 scores (the 8x8 latent level) stay ONNX Runtime's. Simulated on the test
+    model by lowering the limits below it."""
+    from sdrt.runtime.engine import OrtEngine
+
+    if case == "large":
+        monkeypatch.setattr(cpu_graph, "NATIVE_MAX_HEAD_SIZE", 0)
+        monkeypatch.setattr(OrtEngine, "SPLIT_MAX_WEIGHT_BYTES", 0)
+    else:
+        monkeypatch.setattr(cpu_graph, "NATIVE_MAX_SCORES", 16 * 77)
+    export_bundle(models["sd1"], tmp_path / "b", cpu_graph_policy="always", **QUIET)
+    monkeypatch.undo()
+    graph = onnx.load(str(tmp_path / "b" / "unet" / "model.cpu.onnx"), load_external_data=False)
+    ops = [n.op_type for n in graph.graph.node]
+    ours = sorted({n.op_type for n in graph.graph.node if n.domain == native_graph.DOMAIN})
+    if case == "large":
+        assert "MultiHeadAttention" in ops and "InstanceNormalization" in ops and not ours and not graph.functions
+    else:
+        assert "MultiHeadAttention" in ops and ours == ["Attention", "GroupNorm", "GroupNormSiLU"]
+    lat = latents(1, seed=4)
+    ours_px = pixels(sdrt.Pipeline.load(tmp_path / "b").txt2img("a red cube", steps=4, latents=lat, guidance=6))
+    plain = pixels(sdrt.Pipeline.load(plain_bundle).txt2img("a red cube", steps=4, latents=lat, guidance=6))
+    assert np.abs(ours_px - plain).max() <= 1 / 255
+
+
 def test_a_lora_on_3x3_convolutions_reaches_their_winograd_form(bundles, plain_bundle, tmp_path):
     """A LoCon-style LoRA on resnet convolutions: ONNX Runtime folds Winograd's weight transform from the graph
     file's weight unless told not to (runtime/engine.py); the CPU graph must draw what the plain graph draws."""

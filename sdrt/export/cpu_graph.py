@@ -94,8 +94,10 @@ def _processor():
                 raise Unsupported(f"attention with {unusual or 'a mask, 4-d input or residual'}")
             context = hidden_states if encoder_hidden_states is None else encoder_hidden_states
             q, k, v = attn.to_q(hidden_states), attn.to_k(context), attn.to_v(context)
-            native = (q.shape[-1] // attn.heads <= NATIVE_MAX_HEAD_SIZE
-                      and q.shape[1] * k.shape[1] <= NATIVE_MAX_SCORES)
+            # Python ints, decided at trace time: under the tracer a size is a traced value, which the
+            # symbolic function would receive as a graph node (always truthy).
+            head, queries, keys = int(q.shape[-1]) // attn.heads, int(q.shape[1]), int(k.shape[1])
+            native = bool(head <= NATIVE_MAX_HEAD_SIZE and queries * keys <= NATIVE_MAX_SCORES)
             out = MultiHeadAttention.apply(q, k, v, attn.heads, float(attn.scale), native)
             out = attn.to_out[1](attn.to_out[0](out))  # projection, dropout
             return out / attn.rescale_output_factor
