@@ -254,3 +254,16 @@ def test_torchs_group_norm_patterns_are_rewritten_and_compute_the_same(library, 
     for lib in (library, None):
         got = session(model.SerializeToString(), lib).run(None, feeds)[0]
         assert np.abs(got - want).max() <= 1e-5 * np.abs(want).max()
+
+
+def test_a_library_others_could_have_written_is_rebuilt_and_a_shared_folder_refused(tmp_path):
+    env = {**os.environ, native_ops.CACHE_DIR: str(tmp_path)}
+    first = probe(env)
+    library = first["path"]
+    os.chmod(library, 0o777)  # group- and world-writable: someone else's library, for all sdrt can tell
+    again = probe(env)
+    assert again["path"] == library and again["detail"].startswith("built")
+    assert oct(os.stat(library).st_mode & 0o777) == "0o755"
+    os.chmod(os.path.dirname(library), 0o777)
+    refused = probe(env)
+    assert refused["path"] is None and "not yours alone" in refused["detail"]

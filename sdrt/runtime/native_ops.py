@@ -9,7 +9,8 @@ with SDRT_NATIVE_OPS=0, the same graph runs on ONNX Runtime's own operators, slo
 The cache key covers the sources, the compiler and its version, the flags and the CPU's feature flags, so a
 home folder shared between machines never hands one CPU another's build. A build goes to a temporary file that
 is renamed into place: two processes building at once both end with a whole library. A cached file that won't
-load is rebuilt.
+load, or that another account could have written, is rebuilt; a cache folder that is not this user's alone
+turns the library off.
 """
 from __future__ import annotations
 
@@ -99,7 +100,15 @@ def _find_or_build() -> Status:
     key = hashlib.sha256(b"\0".join([sources, compiler.encode(), version.encode(), " ".join(FLAGS).encode(),
                                      _cpu_identity().encode()])).hexdigest()[:16]
     target = cache_root() / "native" / key / LIBRARY
-    if target.is_file() and _loads(target):
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+    except OSError as e:
+        return Status(None, f"its cache folder {str(target.parent)!r} can't be made ({e.strerror or e}); set "
+                            f"{CACHE_DIR} to a writable folder. ONNX Runtime's operators run instead")
+    if not _private(target.parent):
+        return Status(None, f"its cache folder {str(target.parent)!r} is not yours alone (owner or permissions), "
+                            "so a library there is not loaded; ONNX Runtime's operators run instead")
+    if target.is_file() and _private(target) and _loads(target):
         return Status(target, f"cached at {target}")
     try:
         _build(compiler, source_dir / SOURCES[0], target)
@@ -129,8 +138,14 @@ def _cpu_identity() -> str:
     return f"{platform.machine()} {platform.processor()}"
 
 
+def _private(path: Path) -> bool:
+    """Owned by this user and writable by no one else: a library loaded into the process must be one sdrt
+    built, not one another account could have swapped in."""
+    info = path.stat()
+    return info.st_uid == os.getuid() and not info.st_mode & 0o022
+
+
 def _build(compiler: str, source: Path, target: Path) -> None:
-    target.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=".build-", suffix=".so", dir=target.parent)
     os.close(fd)
     try:
@@ -139,6 +154,7 @@ def _build(compiler: str, source: Path, target: Path) -> None:
             done = subprocess.run([compiler, *FLAGS, *extra, str(source), "-o", tmp], capture_output=True,
                                   text=True, timeout=BUILD_TIMEOUT_S)
             if done.returncode == 0:
+                os.chmod(tmp, 0o755)  # whatever the umask: _private() must accept it
                 os.replace(tmp, target)
                 return
             errors = (done.stderr or done.stdout).strip().splitlines()
