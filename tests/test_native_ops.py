@@ -267,3 +267,11 @@ def test_a_library_others_could_have_written_is_rebuilt_and_a_shared_folder_refu
     os.chmod(os.path.dirname(library), 0o777)
     refused = probe(env)
     assert refused["path"] is None and "not yours alone" in refused["detail"]
+
+
+def test_an_unwritable_cache_folder_turns_it_off_with_what_to_do(monkeypatch, tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("not a folder")
+    monkeypatch.setenv(native_ops.CACHE_DIR, str(blocker / "cache"))
+    status = native_ops.status()
+    assert status.path is None and "SDRT_CACHE_DIR" in status.detail and "no cache folder" in status.detail

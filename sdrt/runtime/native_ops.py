@@ -99,12 +99,12 @@ def _find_or_build() -> Status:
     sources = b"".join((source_dir / name).read_bytes() for name in SOURCES)
     key = hashlib.sha256(b"\0".join([sources, compiler.encode(), version.encode(), " ".join(FLAGS).encode(),
                                      _cpu_identity().encode()])).hexdigest()[:16]
-    target = cache_root() / "native" / key / LIBRARY
     try:
+        target = cache_root() / "native" / key / LIBRARY
         target.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-    except OSError as e:
-        return Status(None, f"its cache folder {str(target.parent)!r} can't be made ({e.strerror or e}); set "
-                            f"{CACHE_DIR} to a writable folder. ONNX Runtime's operators run instead")
+    except (OSError, RuntimeError) as e:  # RuntimeError: Path.home() without HOME or a passwd entry
+        return Status(None, f"it has no cache folder ({getattr(e, 'strerror', None) or e}); set {CACHE_DIR} to a "
+                            "writable folder. ONNX Runtime's operators run instead")
     if not _private(target.parent):
         return Status(None, f"its cache folder {str(target.parent)!r} is not yours alone (owner or permissions), "
                             "so a library there is not loaded; ONNX Runtime's operators run instead")
