@@ -157,8 +157,8 @@ def _build(compiler: str, source: Path, target: Path) -> None:
                 os.chmod(tmp, 0o755)  # whatever the umask: _private() must accept it
                 os.replace(tmp, target)
                 return
-            errors = (done.stderr or done.stdout).strip().splitlines()
-            errors = errors[-1] if errors else f"exit status {done.returncode}"
+            said = (done.stderr or done.stdout).strip().splitlines()
+            errors = said[-1] if said else f"exit status {done.returncode}"  # the compiler's last word
         raise RuntimeError(f"{compiler} said: {errors}")
     finally:
         if os.path.exists(tmp):
