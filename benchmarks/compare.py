@@ -188,7 +188,7 @@ def main() -> None:
     args = ap.parse_args()
     if args.tiny == (args.bundle is not None) or (args.bundle is None) != (args.src is None):
         ap.error("give BUNDLE and SRC, or --tiny")
-    if args.runs < 1 or args.warmup < 0 or (args.threads or 1) < 1 or (args.peer_threads or 1) < 1 or args.settle < 0:
+    if min(args.runs, args.threads or 1, args.peer_threads or 1) < 1 or min(args.warmup, args.settle) < 0:
         ap.error("--runs, --threads and --peer-threads must be >= 1, --warmup and --settle >= 0")
 
     import diffusers
@@ -249,7 +249,8 @@ def main() -> None:
         "config": {"model": "tiny sd1 (tests/tiny_models.py)" if args.tiny else str(src), "bundle_hash": m.model_hash,
                    "height": height, "width": width, "batch": args.batch, "steps": args.steps, "sampler": sampler,
                    "guidance": args.guidance, "model_calls": len(ours[0]["unet"]), "runs": args.runs,
-                   "warmup": args.warmup, "settle_s": args.settle, "threads": threads, "prompt": args.prompt, "latents": "numpy PCG64 seed 0"},
+                   "warmup": args.warmup, "settle_s": args.settle, "threads": threads, "prompt": args.prompt,
+                   "latents": "numpy PCG64 seed 0"},
         "sdrt": {"backend": args.backend, "stages": sdrt_stats},
         "peers": {},
     }

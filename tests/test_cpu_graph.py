@@ -31,7 +31,7 @@ def test_every_attention_is_one_operator_and_the_weights_are_shared(models, bund
     ops = [n.op_type for n in graph.graph.node]
     native = [n for n in graph.graph.node if n.domain == native_graph.DOMAIN and n.op_type == "Attention"]
     assert len(native) + ops.count("MultiHeadAttention") == layers > 0 and "Softmax" not in ops
-    assert native and {n.op_type for n in native} == {"Attention"}  # head size 8: sdrt's kernel
+    assert native  # head size 8: sdrt's kernel
     assert sorted(f.name for f in graph.functions if f.domain == native_graph.DOMAIN) == \
         ["Attention", "GroupNorm", "GroupNormSiLU"]  # a small model: its group norms are sdrt's kernel too
     assert "InstanceNormalization" not in ops

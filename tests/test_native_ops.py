@@ -34,8 +34,8 @@ def fresh_status():
 def attention_graph(width: int, heads: int, scale: float) -> bytes:
     node = helper.make_node("Attention", ["q", "k", "v"], ["out"], domain=native_graph.DOMAIN,
                             num_heads=heads, scale=scale)
-    graph = helper.make_graph([node], "g", [helper.make_tensor_value_info(n, TensorProto.FLOAT, ["B", n + "len", width])
-                                            for n in "qkv"], [helper.make_tensor_value_info("out", TensorProto.FLOAT, None)])
+    inputs = [helper.make_tensor_value_info(n, TensorProto.FLOAT, ["B", n + "len", width]) for n in "qkv"]
+    graph = helper.make_graph([node], "g", inputs, [helper.make_tensor_value_info("out", TensorProto.FLOAT, None)])
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
     native_graph.add_functions(model)  # the function ONNX Runtime falls back to, and the domains it needs
     return model.SerializeToString()
@@ -173,10 +173,9 @@ def group_norm_graph(channels: int, groups: int, silu: bool) -> bytes:
     op = "GroupNormSiLU" if silu else "GroupNorm"
     node = helper.make_node(op, ["x", "gamma", "beta"], ["out"], domain=native_graph.DOMAIN, groups=groups,
                             epsilon=1e-5)
-    graph = helper.make_graph([node], "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", channels, "H", "W"]),
-                                            helper.make_tensor_value_info("gamma", TensorProto.FLOAT, [channels, 1, 1]),
-                                            helper.make_tensor_value_info("beta", TensorProto.FLOAT, [channels, 1, 1])],
-                              [helper.make_tensor_value_info("out", TensorProto.FLOAT, None)])
+    inputs = [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", channels, "H", "W"])]
+    inputs += [helper.make_tensor_value_info(n, TensorProto.FLOAT, [channels, 1, 1]) for n in ("gamma", "beta")]
+    graph = helper.make_graph([node], "g", inputs, [helper.make_tensor_value_info("out", TensorProto.FLOAT, None)])
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
     native_graph.add_functions(model)
     return model.SerializeToString()

@@ -58,7 +58,8 @@ def group_norm_function(silu: bool):
         helper.make_node("Add", ["scaled", "beta"], ["affine" if silu else "out"]),
     ]
     if silu:
-        body += [helper.make_node("Sigmoid", ["affine"], ["gate"]), helper.make_node("Mul", ["affine", "gate"], ["out"])]
+        body += [helper.make_node("Sigmoid", ["affine"], ["gate"]),
+                 helper.make_node("Mul", ["affine", "gate"], ["out"])]
     return helper.make_function(DOMAIN, "GroupNormSiLU" if silu else "GroupNorm", ["x", "gamma", "beta"], ["out"],
                                 body, [helper.make_opsetid("", OPSET)], attributes=["groups", "epsilon"])
 
