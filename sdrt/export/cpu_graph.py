@@ -37,7 +37,7 @@ import warnings
 from pathlib import Path
 
 from ..runtime import names
-from ..runtime.engine import OrtEngine
+from ..runtime.engine import OrtEngine, weight_bytes
 from . import native_graph, trace, winograd
 
 POLICIES = ("auto", "always", "never")  # whether the export writes this graph
@@ -194,7 +194,9 @@ def write_cpu_graph(module, inputs, in_names, out_names, axes, plain_graph: Path
         with tempfile.TemporaryDirectory(dir=plain_graph.parent.parent) as scratch:
             model = _trace(module, inputs, in_names, out_names, axes, Path(scratch))
         convs = winograd.rewrite(model, conv_sizes, winograd_rule)  # before sharing: the trace's own weight names
-        norms = native_graph.fuse_group_norms(model) if _one_thread(module) else 0
+        # sdrt's single-threaded norm kernel only where ONNX Runtime runs the U-Net on one thread per call
+        one_thread = weight_bytes(plain_graph) <= OrtEngine.SPLIT_MAX_WEIGHT_BYTES  # OrtEngine's own test
+        norms = native_graph.fuse_group_norms(model) if one_thread else 0
         _share_weights(model, _plain_weights(plain_graph))
     except Unsupported as e:
         log(f"unet: no fused-attention graph ({e}); the CPU backend uses the plain graph")
@@ -207,11 +209,6 @@ def write_cpu_graph(module, inputs, in_names, out_names, axes, plain_graph: Path
         f"and {convs} convolutions in Winograd form for ONNX Runtime on the CPU ({names.CPU_MODEL_FILE})")
     return target
 
-
-def _one_thread(module) -> bool:
-    """Whether ONNX Runtime will run this U-Net on one thread per call (runtime/engine.py), where sdrt's
-    single-threaded group norm kernel gives nothing away to ONNX Runtime's threaded one."""
-    return sum(p.numel() * p.element_size() for p in module.parameters()) <= OrtEngine.SPLIT_MAX_WEIGHT_BYTES
 
 
 def write_winograd_graph(plain_graph: Path, conv_sizes: dict, comp: str, log=print,

@@ -73,8 +73,8 @@ def add_functions(model) -> None:
               "GroupNormSiLU": lambda: group_norm_function(True)}
     have = {f.name for f in model.functions if f.domain == DOMAIN}
     model.functions.extend(makers[op]() for op in sorted(used - have))
-    domains = {o.domain for o in model.opset_import}
-    for domain in ({DOMAIN, "com.microsoft"} if used else set()) - domains:
+    needed = ({DOMAIN} if used else set()) | ({"com.microsoft"} if "Attention" in used else set())
+    for domain in needed - {o.domain for o in model.opset_import}:
         model.opset_import.append(helper.make_opsetid(domain, 1))
 
 

@@ -91,7 +91,7 @@ class OrtEngine(Engine):
         disabled = (["NchwcTransformer"] if any(len(s) == 4 for s in patched) else []) + \
             (["ConstantFolding"] if any(s[-2:] == (3, 3) for s in patched if len(s) == 4) else [])
         threads = threads or os.cpu_count() or 1
-        small = name not in self.IMAGE_RESOLUTION and _weight_bytes(path) <= self.SPLIT_MAX_WEIGHT_BYTES
+        small = name not in self.IMAGE_RESOLUTION and weight_bytes(path) <= self.SPLIT_MAX_WEIGHT_BYTES
         self.session = self._open(1 if small else threads, disabled)
         self.inputs = {a.name: _spec(a) for a in self.session.get_inputs()}
         self.outputs = {a.name: _spec(a) for a in self.session.get_outputs()}
@@ -153,7 +153,7 @@ class OrtEngine(Engine):
             raise EngineError(f"{self.name} failed in ONNX Runtime: {e}") from None
 
 
-def _weight_bytes(path: Path) -> int:
+def weight_bytes(path: Path) -> int:
     """The graph file plus the external-data files beside it (shared ones counted too: an upper bound)."""
     return sum(p.stat().st_size for p in [path, *path.parent.glob("*.onnx_data"), *path.parent.glob("*.data")]
                if p.is_file())
