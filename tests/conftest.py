@@ -17,6 +17,14 @@ FAMILIES = ("sd1", "sd2")
 SD1_CPU_GRAPH = {"cpu_graph_policy": "always", "winograd_rule": "all"}
 
 
+@pytest.fixture
+def correctly_rounded_reference(monkeypatch):
+    """diffusers' schedulers with correctly rounded sqrt/log/exp (reference_math.py says why)."""
+    from reference_math import patch_reference
+
+    patch_reference(monkeypatch)
+
+
 @pytest.fixture(scope="session")
 def models(tmp_path_factory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("models")

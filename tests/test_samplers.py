@@ -12,6 +12,10 @@ import torch
 from sdrt.errors import InvalidRequest, UnknownSampler
 from sdrt.runtime.samplers import SAMPLERS, make_sampler, resolve, sampler_names
 
+# Compared with diffusers computing in its own precision and order, with correctly rounded elementary
+# functions: otherwise the reference moves between CPUs (tests/reference_math.py).
+pytestmark = pytest.mark.usefixtures("correctly_rounded_reference")
+
 SD15 = {"beta_start": 0.00085, "beta_end": 0.012, "beta_schedule": "scaled_linear", "num_train_timesteps": 1000,
         "set_alpha_to_one": False, "skip_prk_steps": True, "steps_offset": 1, "clip_sample": False}
 CONFIGS = {
@@ -22,6 +26,7 @@ CONFIGS = {
     "linear-clip": {"beta_schedule": "linear", "clip_sample": True},  # DDIM clips x0 here
     "cosine-zero-snr-v": {"beta_schedule": "squaredcos_cap_v2", "rescale_betas_zero_snr": True,
                           "prediction_type": "v_prediction", "timestep_spacing": "trailing"},
+
 }
 DIFFUSERS = {name: cls.diffusers_class for name, cls in SAMPLERS.items()}
 

@@ -38,23 +38,23 @@ class DDIM(Sampler):
         b_t = 1 - a_t
         kind = self.config.prediction_type
         if kind == "epsilon":
-            x0, eps = (x - b_t**0.5 * model_output) / a_t**0.5, model_output
+            x0, eps = (x - np.sqrt(b_t) * model_output) / np.sqrt(a_t), model_output
         elif kind == "v_prediction":
-            x0 = a_t**0.5 * x - b_t**0.5 * model_output
-            eps = a_t**0.5 * model_output + b_t**0.5 * x
+            x0 = np.sqrt(a_t) * x - np.sqrt(b_t) * model_output
+            eps = np.sqrt(a_t) * model_output + np.sqrt(b_t) * x
         else:  # "sample"
             x0 = model_output
-            eps = (x - a_t**0.5 * x0) / b_t**0.5
+            eps = (x - np.sqrt(a_t) * x0) / np.sqrt(b_t)
         if self.config.clip_sample:
             r = self.config.clip_sample_range
             x0 = np.clip(x0, -r, r)
         variance = (1 - a_prev) / b_t * (1 - a_t / a_prev)
-        std = self.eta * variance**0.5
-        x_prev = a_prev**0.5 * x0 + (1 - a_prev - std**2) ** 0.5 * eps
+        std = self.eta * np.sqrt(variance)
+        x_prev = np.sqrt(a_prev) * x0 + np.sqrt(1 - a_prev - std**2) * eps
         if self.eta > 0:
             x_prev = x_prev + std * rng.standard_normal(x.shape, dtype=np.float32)
         return x_prev.astype(np.float32)
 
     def add_noise(self, x0, noise, i):
         a = self.alphas_cumprod[int(self.timesteps[i])]
-        return (a**0.5 * x0 + (1 - a) ** 0.5 * noise).astype(np.float32)
+        return (np.sqrt(a) * x0 + np.sqrt(1 - a) * noise).astype(np.float32)

@@ -15,6 +15,7 @@ from __future__ import annotations
 import numpy as np
 
 from ...errors import InvalidRequest
+from . import fmath
 from .base import Sampler
 from .schedule import alphas_cumprod, karras_sigmas, sigma_to_t, solver_timesteps
 
@@ -31,7 +32,7 @@ def vp(sigma: np.float32):
     alpha = 1 / np.sqrt(sigma * sigma + 1)
     s = sigma * alpha
     with np.errstate(divide="ignore"):  # final sigma 0: lambda = inf, so e^-h = 0 and the step lands on x0
-        return alpha, s, np.log(alpha) - np.log(s)
+        return alpha, s, fmath.log(alpha) - fmath.log(s)
 
 
 class DPMPP2M(Sampler):
@@ -52,7 +53,7 @@ class DPMPP2M(Sampler):
         if final not in ("zero", "sigma_min"):
             raise InvalidRequest(f"scheduler final_sigmas_type {final!r} is not one of zero, sigma_min")
         bar = training_alphas_cumprod(self.config)
-        train = ((1 - bar) / bar) ** 0.5  # float32, ascending in t
+        train = np.sqrt((1 - bar) / bar)  # float32, ascending in t
         timesteps, sigmas = self._schedule(bar, train)
         self.timesteps = timesteps.astype(np.int64).astype(np.float64)  # diffusers truncates fractional ones
         sigma_last = 0.0 if final == "zero" else train[0]
@@ -65,7 +66,7 @@ class DPMPP2M(Sampler):
     def _last_timestep(self, bar: np.ndarray) -> int:
         """One past the last timestep whose lambda reaches lambda_min_clipped (for cosine schedules)."""
         clip = float(self.options.get("lambda_min_clipped", -np.inf))
-        lam = np.log(np.sqrt(bar)) - np.log(np.sqrt(1 - bar))
+        lam = fmath.log(np.sqrt(bar)) - fmath.log(np.sqrt(1 - bar))
         return self.config.num_train_timesteps - int(np.searchsorted(lam[::-1], clip))
 
     def _schedule(self, bar, train):
@@ -82,7 +83,7 @@ class DPMPP2M(Sampler):
 
     def _coefficients(self, alpha_next, s_next, s, h):
         """(a, b, c) of x' = a x + b (x0 + D1/2) + c z; b = -alpha'(e^-h - 1) bit for bit, as 1 - e = -(e - 1)."""
-        return s_next / s, alpha_next * (1 - np.exp(-h)), None
+        return s_next / s, alpha_next * (1 - fmath.exp(-h)), None
 
     def _noise(self, shape, rng):
         return None
@@ -118,6 +119,6 @@ class DPMPP2MKarras(DPMPP2M):
     def _schedule(self, bar, train):
         # between the training schedule's extremes (not the spaced ones, as Euler's Karras variant does)
         sigmas = karras_sigmas(float(train[0]), float(train[-1]), self.steps)
-        t = sigma_to_t(sigmas, np.log(train))
+        t = sigma_to_t(sigmas, fmath.log(train))
         # diffusers leaves cosine-schedule timesteps fractional (then truncates them); others it rounds
         return (t if self.config.beta_schedule == "squaredcos_cap_v2" else t.round()), sigmas

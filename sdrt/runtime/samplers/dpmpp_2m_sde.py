@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from . import fmath
 from .dpmpp_2m import DPMPP2MKarras
 
 
@@ -20,8 +21,8 @@ class DPMPP2MSDEKarras(DPMPP2MKarras):
     stochastic = True
 
     def _coefficients(self, alpha_next, s_next, s, h):
-        return (s_next / s * np.exp(-h), alpha_next * (1 - np.exp(-2.0 * h)),
-                s_next * np.sqrt(1.0 - np.exp(-2 * h)))
+        return (s_next / s * fmath.exp(-h), alpha_next * (1 - fmath.exp(-2.0 * h)),
+                s_next * np.sqrt(1.0 - fmath.exp(-2 * h)))
 
     def _noise(self, shape, rng):
         return rng.standard_normal(shape, dtype=np.float32)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from . import fmath
 from .base import Sampler
 from .schedule import SchedulerConfig, alphas_cumprod, karras_sigmas, sigma_to_t, spaced_timesteps
 
@@ -19,7 +20,7 @@ def training_sigmas(config: SchedulerConfig) -> np.ndarray:
     bar = alphas_cumprod(config)
     if config.rescale_betas_zero_snr:
         bar[-1] = 2.0**-24  # diffusers: keeps the terminal sigma finite (it would be infinite at zero SNR)
-    return ((1 - bar) / bar) ** 0.5  # float32, ascending in t
+    return np.sqrt((1 - bar) / bar)  # float32, ascending in t
 
 
 def predict_x0(config: SchedulerConfig, model_output, x, sigma):
@@ -27,7 +28,7 @@ def predict_x0(config: SchedulerConfig, model_output, x, sigma):
     if config.prediction_type == "epsilon":
         return x - sigma * model_output
     if config.prediction_type == "v_prediction":
-        return model_output * (-sigma / (sigma**2 + 1) ** 0.5) + x / (sigma**2 + 1)
+        return model_output * (-sigma / np.sqrt(sigma**2 + 1)) + x / (sigma**2 + 1)
     return model_output  # "sample"
 
 
@@ -45,14 +46,14 @@ class Euler(Sampler):
         sigmas = np.interp(self.timesteps, np.arange(len(train)), train)  # (N,) float64
         if self.karras:  # between the spacing-selected sigmas' ends (diffusers' `_convert_to_karras`)
             sigmas = karras_sigmas(float(sigmas[-1]), float(sigmas[0]), steps)
-            self.timesteps = sigma_to_t(sigmas, np.log(train)).astype(np.float32).astype(np.float64)  # as diffusers keeps them
+            self.timesteps = sigma_to_t(sigmas, fmath.log(train)).astype(np.float32).astype(np.float64)  # as diffusers keeps them
         self.sigmas = np.concatenate([sigmas, [0.0]]).astype(np.float32)  # (N+1,)
         top = float(self.sigmas.max())
         # diffusers: sigma_max for linspace/trailing, sqrt(sigma_max^2 + 1) for leading
         self.init_noise_sigma = top if config.timestep_spacing in ("linspace", "trailing") else (top**2 + 1) ** 0.5
 
     def scale_model_input(self, x, i):
-        return x / ((self.sigmas[i] ** 2 + 1) ** 0.5)
+        return x / np.sqrt(self.sigmas[i] ** 2 + 1)
 
     def step(self, model_output, i, x, rng):
         sigma, sigma_next = self.sigmas[i], self.sigmas[i + 1]

@@ -20,8 +20,8 @@ class EulerAncestral(Euler):
     def step(self, model_output, i, x, rng):
         sigma, sigma_next = self.sigmas[i], self.sigmas[i + 1]
         x0 = predict_x0(self.config, model_output, x, sigma)
-        sigma_up = (sigma_next**2 * (sigma**2 - sigma_next**2) / sigma**2) ** 0.5
-        sigma_down = (sigma_next**2 - sigma_up**2) ** 0.5
+        sigma_up = np.sqrt(sigma_next**2 * (sigma**2 - sigma_next**2) / sigma**2)
+        sigma_down = np.sqrt(sigma_next**2 - sigma_up**2)
         x = x + (x - x0) / sigma * (sigma_down - sigma)
         # diffusers draws on the last step too (where sigma_up is 0); so do we, to keep the streams aligned
         z = rng.standard_normal(x.shape, dtype=np.float32)

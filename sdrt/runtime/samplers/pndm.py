@@ -55,13 +55,13 @@ class PNDM(Sampler):
         a_prev = self.alphas_cumprod[t_prev] if t_prev >= 0 else self.final_alpha_cumprod
         b, b_prev = 1 - a, 1 - a_prev
         if self.config.prediction_type == "v_prediction":
-            model_output = a**0.5 * model_output + b**0.5 * x
-        denominator = a * b_prev**0.5 + (a * b * a_prev) ** 0.5
-        return (a_prev / a) ** 0.5 * x - (a_prev - a) * model_output / denominator
+            model_output = np.sqrt(a) * model_output + np.sqrt(b) * x
+        denominator = a * np.sqrt(b_prev) + np.sqrt(a * b * a_prev)
+        return np.sqrt(a_prev / a) * x - (a_prev - a) * model_output / denominator
 
     def add_noise(self, x0, noise, i):
         a = self.alphas_cumprod[int(self.timesteps[i])]
-        return (a**0.5 * x0 + (1 - a) ** 0.5 * noise).astype(np.float32)
+        return (np.sqrt(a) * x0 + np.sqrt(1 - a) * noise).astype(np.float32)
 
 
 def _adams_bashforth(outputs: list[np.ndarray]) -> np.ndarray:

@@ -12,6 +12,7 @@ from dataclasses import dataclass, fields
 import numpy as np
 
 from ...errors import InvalidRequest
+from . import fmath
 
 PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
 SPACINGS = ("leading", "trailing", "linspace")
@@ -128,13 +129,13 @@ def karras_sigmas(sigma_min: float, sigma_max: float, steps: int, rho: float = 7
     """Karras et al. 2022, eq. 5: sigmas evenly spaced in sigma^(1/rho), descending, float64 (N,)."""
     ramp = np.linspace(0, 1, steps)
     lo, hi = sigma_min ** (1 / rho), sigma_max ** (1 / rho)
-    return (hi + ramp * (lo - hi)) ** rho
+    return fmath.power(hi + ramp * (lo - hi), rho)
 
 
 def sigma_to_t(sigmas: np.ndarray, log_train_sigmas: np.ndarray) -> np.ndarray:
     """Fractional model timesteps for sigmas, by linear interpolation in log sigma between training steps
     (k-diffusion `DiscreteSchedule.sigma_to_t`, diffusers `_sigma_to_t`)."""
-    log_sigma = np.log(np.maximum(sigmas, 1e-10))
+    log_sigma = fmath.log(np.maximum(sigmas, 1e-10))
     dists = log_sigma - log_train_sigmas[:, np.newaxis]  # (T, N)
     low = np.cumsum(dists >= 0, axis=0).argmax(axis=0).clip(max=len(log_train_sigmas) - 2)
     lo, hi = log_train_sigmas[low], log_train_sigmas[low + 1]

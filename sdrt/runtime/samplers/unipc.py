@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from . import fmath
 from .base import Sampler
 from .euler import training_sigmas
 from .schedule import solver_timesteps
@@ -34,11 +35,11 @@ def alpha_sigma(sigma: np.float32) -> tuple[np.float32, np.float32]:
 # rounded nearly always, numpy's vectorised float32 ones are off by an ulp a fifth of the time.
 def _log(v: np.float32) -> np.float32:
     with np.errstate(divide="ignore"):  # sigma 0 (the final step) gives lambda = +inf, as in diffusers
-        return F32(np.log(np.float64(v)))
+        return F32(fmath.log(np.float64(v)))
 
 
 def _expm1(v: np.float32) -> np.float32:
-    return F32(np.expm1(np.float64(v)))
+    return F32(fmath.expm1(np.float64(v)))
 
 
 def half_log_snr(sigma: np.float32) -> np.float32:
