@@ -6,9 +6,9 @@ and a wheel per CPU and platform is more than these few hundred lines are worth.
 operator it provides is also an ONNX function in the graph (export/cpu_graph.py), so without a compiler, or
 with SDRT_NATIVE_OPS=0, the same graph runs on ONNX Runtime's own operators, slower and otherwise the same.
 
-The cache key covers the sources, the compiler and its version, the flags and the CPU's feature flags, so a
-home folder shared between machines never hands one CPU another's build. A build goes to a temporary file that
-is renamed into place: two processes building at once both end with a whole library. A cached file that won't
+The cache key covers the sources, the compiler and its version, the flags and what -march=native means on this
+CPU (the instruction sets the compiler enables for it), so a home folder shared between machines never hands
+one CPU another's build. A build goes to a temporary file that is renamed into place: two processes building at once both end with a whole library. A cached file that won't
 load, or that another account could have written, is rebuilt; a cache folder that is not this user's alone
 turns the library off.
 """
@@ -98,7 +98,7 @@ def _find_or_build() -> Status:
     source_dir = Path(__file__).with_name("native")
     sources = b"".join((source_dir / name).read_bytes() for name in SOURCES)
     key = hashlib.sha256(b"\0".join([sources, compiler.encode(), version.encode(), " ".join(FLAGS).encode(),
-                                     _cpu_identity().encode()])).hexdigest()[:16]
+                                     _cpu_identity(compiler).encode()])).hexdigest()[:16]
     try:
         target = cache_root() / "native" / key / LIBRARY
         target.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
@@ -127,8 +127,17 @@ def _compiler_version(compiler: str) -> str | None:
     return done.stdout if done.returncode == 0 else None
 
 
-def _cpu_identity() -> str:
-    """The CPU's feature flags (what -march=native compiles for), else what platform knows."""
+def _cpu_identity(compiler: str) -> str:
+    """What -march=native compiles for: the instruction-set macros the compiler defines with it (it asks the CPU
+    itself, through cpuid), else the CPU's feature flags as the kernel reports them, else what platform knows.
+    /proc/cpuinfo alone is not enough: a hypervisor or an emulator can show flags the code may not use."""
+    try:
+        done = subprocess.run([compiler, *TUNED, "-dM", "-E", "-x", "c++", os.devnull], capture_output=True,
+                              text=True, timeout=30)
+        if done.returncode == 0:
+            return "\n".join(sorted(line for line in done.stdout.splitlines() if line.startswith("#define __")))
+    except (OSError, subprocess.SubprocessError):
+        pass
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
             if line.startswith(("flags", "Features")):
