@@ -268,10 +268,10 @@ def _device_memory_size(engine) -> int:
 
 
 def _set_device_memory(context, ptr: int, size: int) -> None:
-    try:
-        context.set_device_memory(ptr, size)  # TensorRT >= 10.1 (setDeviceMemoryV2 in C++)
-    except (AttributeError, TypeError):
-        context.device_memory = ptr  # TensorRT 10.0: the property, size implied
+    if hasattr(context, "set_device_memory"):  # TensorRT >= 10.1 (setDeviceMemoryV2 in C++)
+        context.set_device_memory(ptr, size)  # a wrong argument raises here, not into the fallback
+    else:
+        context.device_memory = ptr  # TensorRT 8.6-10.0: the property, size implied
 
 
 def merged_specs(specs: list[dict[str, TensorSpec]]) -> dict[str, TensorSpec]:
