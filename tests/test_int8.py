@@ -11,7 +11,7 @@ from conftest import SD1_CPU_GRAPH, latents, pixels
 import sdrt
 from sdrt.errors import InvalidRequest
 from sdrt.export import export_bundle
-from sdrt.export.int8 import INT8_ERROR_LIMIT
+from sdrt.export.int8 import INT8_ERROR_LIMIT, WEIGHT_RANGE
 
 
 @pytest.fixture(scope="module")
@@ -31,6 +31,25 @@ def test_the_int8_graph_is_exported_checked_and_hashed(int8_bundle):
                                         load_external_data=False).graph.node}
     assert "DynamicQuantizeMatMul" in ops or "MatMulInteger" in ops
     assert ops & {"MultiHeadAttention", "Attention"}  # quantized from the fused-attention graph
+
+
+def test_int8_weights_fit_every_x86_kernel(int8_bundle):
+    """7-bit weights: an AVX2 kernel's 16-bit sum of two u8 x s8 products (2 * 255 * 64 < 2^15) can't saturate,
+    so the graph is as accurate on a CPU without VNNI as on one with it (tests/../.ci/emulated-avx2 runs this
+    file on such a CPU)."""
+    import onnx
+    from onnx import numpy_helper
+
+    model = onnx.load(str(int8_bundle / "unet" / "model.int8.onnx"))
+    init = {t.name: t for t in model.graph.initializer}
+    weights = [numpy_helper.to_array(init[n.input[1]]) for n in model.graph.node
+               if n.op_type in ("MatMulInteger", "DynamicQuantizeMatMul") and n.input[1] in init]
+    assert len(weights) >= 10
+    lo, hi = WEIGHT_RANGE
+    for w in weights:
+        assert w.dtype == np.int8 and lo <= int(w.min()) and int(w.max()) <= hi
+        assert 2 * 255 * max(-int(w.min()), int(w.max())) < 2**15
+    assert any(int(w.min()) == lo or int(w.max()) == hi for w in weights)  # the range is used, not shrunk
 
 
 def test_int8_is_opened_only_when_asked_and_stays_close_to_fp32(int8_bundle):

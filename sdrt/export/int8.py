@@ -1,13 +1,20 @@
 """An opt-in int8 U-Net for ONNX Runtime on the CPU (`sdrt export --int8`, then `--int8` at generation).
 
-ONNX Runtime's dynamic quantization of the U-Net's MatMuls: weights int8 per output channel, activations
-quantized per call, run by its VNNI/AVX-512 kernels. Convolutions stay fp32 (their int8 form needs calibration
-and moves many more numbers). Measured (benchmarks/NOTES.md, section 5): at SD 1.5 size the U-Net call takes
-0.86x the fp32 fused-attention graph's time (before that graph's Winograd convolutions), a 3-step image is
-42 dB from fp32's; the embedded model's prompt adherence is unchanged, though on its tiny matrices int8 is
-slower. Built from the U-Net's CPU graph when there is one. It holds int8 copies of the weights, so LoRA can't
-patch it (the runtime refuses the pair), and it is checked against torch with a looser limit than the fp32
-graphs (int8 rounding lands near 1e-2).
+ONNX Runtime's dynamic quantization of the U-Net's MatMuls: weights int8 per output channel in 7 bits
+(reduce_range: -64..64), activations u8, quantized per call. Convolutions stay fp32 (their int8 form needs
+calibration and moves many more numbers).
+
+Why 7 bits: without VNNI (AVX2 only) ONNX Runtime's u8 x s8 kernel adds pairs of products in 16 bits
+(vpmaddubsw), and 2 * 255 * 127 overflows them, so with 8-bit weights a layer's output saturates (under an
+emulated AVX2-only EPYC: relative error 0.20 against 0.0094 with 7 bits); 2 * 255 * 64 < 2^15 always fits. On
+VNNI CPUs the 7-bit graph runs as fast (SD 1.5 size: 0.75x the fp32 CPU graph's U-Net call, 8 bits 0.78x) at
+0.0125 relative error instead of 0.0118; u8 weights are as accurate but slower (0.88x). benchmarks/NOTES.md,
+section 11. A 3-step SD 1.5-size image was 42 dB from fp32's (section 5); the embedded model's prompt
+adherence is unchanged, though on its tiny matrices int8 gains nothing.
+
+Built from the U-Net's CPU graph when there is one. It holds int8 copies of the weights, so LoRA can't patch it
+(the runtime refuses the pair), and it is checked against torch with a looser limit than the fp32 graphs (int8
+rounding lands near 1e-2).
 """
 from __future__ import annotations
 
@@ -16,6 +23,7 @@ from pathlib import Path
 
 from ..runtime import names
 
+WEIGHT_RANGE = (-64, 64)  # reduce_range, symmetric: every u8 x s8 pair sum fits in 16 bits, on every x86-64 kernel
 INT8_ERROR_LIMIT = 0.05  # relative L2 vs torch; fp32 graphs must stay under verify.RELATIVE_ERROR_LIMIT (1e-3)
 
 
@@ -33,7 +41,8 @@ def write_int8_graph(source_graph: Path, log=print) -> Path:
     logging.disable(logging.WARNING)  # its advice to run its pre-processing script goes to the root logger
     try:
         quantize_dynamic(str(source_graph), str(target), weight_type=QuantType.QInt8, op_types_to_quantize=["MatMul"],
-                         per_channel=True, use_external_data_format=True, nodes_to_exclude=keep_fp32)
+                         per_channel=True, reduce_range=True, use_external_data_format=True,
+                         nodes_to_exclude=keep_fp32)
     finally:
         logging.disable(logging.NOTSET)
     log(f"unet: MatMul weights quantized to int8 ({names.INT8_MODEL_FILE}, opt-in with --int8)")
