@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import json
 import os
+import platform
+import shutil
 import subprocess
 import sys
 import textwrap
@@ -128,6 +130,27 @@ def test_a_compiler_that_fails_is_reported_and_nothing_half_built_is_left(monkey
     status = native_ops.status()
     assert status.path is None and "out of registers" in status.detail and "building it failed" in status.detail
     assert not [p for p in (tmp_path / "cache").rglob("*") if p.is_file()]  # no partial library in the cache
+
+
+@pytest.mark.skipif(platform.machine() not in ("x86_64", "AMD64") or not shutil.which("g++"),
+                    reason="x86-64 instruction-set levels, told to g++")
+def test_each_instruction_set_gets_a_build_of_its_own(monkeypatch, tmp_path):
+    """The cache key is what -march=native means to the compiler: two CPUs of different kinds sharing a home
+    folder (here: the compiler told that "native" is x86-64 baseline, then x86-64-v2) never share a build."""
+    monkeypatch.setenv(native_ops.CACHE_DIR, str(tmp_path / "cache"))
+    paths = []
+    for level in ("x86-64", "x86-64-v2"):
+        cxx = tmp_path / f"cxx-{level}"
+        cxx.write_text(f"#!/bin/sh\nfor a in \"$@\"; do [ \"$a\" = -march=native ] && a=-march={level}; "
+                       "set -- \"$@\" \"$a\"; shift; done\nexec g++ \"$@\"\n")
+        cxx.chmod(0o755)
+        monkeypatch.setenv("CXX", str(cxx))
+        native_ops.reset()
+        status = native_ops.status()
+        assert status.path is not None and status.detail.startswith("built"), status.detail
+        paths.append(status.path)
+    native_ops.reset()
+    assert paths[0].parent != paths[1].parent and all(p.is_file() for p in paths)
 
 
 PROBE = textwrap.dedent("""
