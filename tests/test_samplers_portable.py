@@ -1,7 +1,7 @@
 """The samplers' numbers do not depend on the CPU: schedules and whole sampler runs are bit-identical on every
-numpy SIMD path this machine has, equal a digest recorded on another CPU, equal diffusers' own schedules bit for
-bit once its elementary functions are correctly rounded, and no real configuration rounds a timestep close
-enough to x.5 for a CPU's last-bit difference to flip it."""
+numpy SIMD path this machine has, equal a committed digest (recorded on one CPU, checked on others), equal
+diffusers' own schedules bit for bit once its elementary functions are correctly rounded, and no real
+configuration rounds a timestep close enough to x.5 for a CPU's last-bit difference to flip it."""
 from __future__ import annotations
 
 import hashlib
@@ -81,7 +81,7 @@ def test_schedules_are_bit_identical_on_every_numpy_simd_path():
         assert _digest_in_subprocess(disabled) == here, f"{label} (NPY_DISABLE_CPU_FEATURES={disabled!r})"
 
 
-def test_schedules_equal_the_digest_recorded_on_another_cpu():
+def test_schedules_equal_the_committed_digest():
     assert schedule_digest() == GOLDEN_DIGEST
 
 
