@@ -5,7 +5,6 @@ configuration rounds a timestep close enough to x.5 for a CPU's last-bit differe
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 import subprocess
 import sys
