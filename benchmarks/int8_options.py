@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import logging
 import platform
 import shlex
 import sys
@@ -30,11 +29,11 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from unet_step import unet_feeds  # noqa: E402
 
-OPTIONS = {  # name -> quantize_dynamic keyword arguments (weight_type by name)
-    "s8-per-channel": {"weight_type": "QInt8", "per_channel": True},  # sdrt before this measurement
-    "s8-per-channel-reduce-range": {"weight_type": "QInt8", "per_channel": True, "reduce_range": True},
+OPTIONS = {  # name -> sdrt.export.int8.quantize_matmuls keyword arguments
+    "s8-per-channel": {"weight_type": "QInt8", "per_channel": True, "reduce_range": False},  # sdrt before
+    "s8-per-channel-reduce-range": {"weight_type": "QInt8", "per_channel": True, "reduce_range": True},  # sdrt's
     "s8-per-tensor-reduce-range": {"weight_type": "QInt8", "per_channel": False, "reduce_range": True},
-    "u8-per-channel": {"weight_type": "QUInt8", "per_channel": True},
+    "u8-per-channel": {"weight_type": "QUInt8", "per_channel": True, "reduce_range": False},
 }
 
 
@@ -44,20 +43,6 @@ def cpu_flags() -> list[str]:
     from numpy._core._multiarray_umath import __cpu_features__ as features
 
     return sorted(k for k, on in features.items() if on and k.startswith(("AVX", "FMA", "AMX")))
-
-
-def quantize(source: Path, target: Path, weight_type: str, **options) -> None:
-    import onnx
-    from onnxruntime.quantization import QuantType, quantize_dynamic
-
-    from sdrt.export.winograd import MARK
-
-    graph = onnx.load(str(source), load_external_data=False).graph
-    keep = [n.name for n in graph.node if MARK in n.name]
-    logging.disable(logging.WARNING)
-    quantize_dynamic(str(source), str(target), weight_type=getattr(QuantType, weight_type),
-                     op_types_to_quantize=["MatMul"], use_external_data_format=True, nodes_to_exclude=keep, **options)
-    logging.disable(logging.NOTSET)
 
 
 def interleaved(sessions: dict, feeds, rounds: int) -> tuple[dict, dict]:
@@ -84,6 +69,7 @@ def main() -> None:
     args = ap.parse_args()
     import onnxruntime as ort
 
+    from sdrt.export.int8 import quantize_matmuls
     from sdrt.export.verify import relative_error
     from sdrt.runtime.manifest import load_manifest
 
@@ -98,7 +84,7 @@ def main() -> None:
         sessions = {"fp32": ort.InferenceSession(str(source), opts, providers=["CPUExecutionProvider"])}
         for name in args.only or OPTIONS:
             target = Path(tmp) / f"{name}.onnx"
-            quantize(source, target, **OPTIONS[name])
+            quantize_matmuls(source, target, **OPTIONS[name])
             sessions[name] = ort.InferenceSession(str(target), opts, providers=["CPUExecutionProvider"])
         outputs, seconds = interleaved(sessions, feeds, args.rounds)
     fp32_s = seconds.pop("fp32")
@@ -106,10 +92,10 @@ def main() -> None:
         rows[name] = {"relative_error": round(relative_error(outputs[name][0], outputs["fp32"][0]), 5),
                       "unet_call_s": round(s, 5), "over_fp32": round(s / fp32_s, 3)}
         print(name, rows[name], flush=True)
-    result = {"command": shlex.join(["python", "benchmarks/int8_options.py", *sys.argv[1:]]), "bundle": args.bundle.name,
-              "cpu": platform.processor() or platform.machine(), "cpu_flags": cpu_flags(),
-              "onnxruntime": ort.__version__, "threads": args.threads, "source_graph": source.name, "fp32_unet_call_s": round(fp32_s, 5),
-              "options": rows}
+    result = {"command": shlex.join(["python", "benchmarks/int8_options.py", *sys.argv[1:]]),
+              "bundle": args.bundle.name, "cpu": platform.processor() or platform.machine(), "cpu_flags": cpu_flags(),
+              "onnxruntime": ort.__version__, "threads": args.threads, "source_graph": source.name,
+              "fp32_unet_call_s": round(fp32_s, 5), "options": rows}
     print(json.dumps(result, indent=2))
     if args.json:
         args.json.write_text(json.dumps(result, indent=2) + "\n")

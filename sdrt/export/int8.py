@@ -27,8 +27,10 @@ WEIGHT_RANGE = (-64, 64)  # reduce_range, symmetric: every u8 x s8 pair sum fits
 INT8_ERROR_LIMIT = 0.05  # relative L2 vs torch; fp32 graphs must stay under verify.RELATIVE_ERROR_LIMIT (1e-3)
 
 
-def write_int8_graph(source_graph: Path, log=print) -> Path:
-    """unet/model.int8.onnx (+ model.int8.onnx.data) beside source_graph."""
+def quantize_matmuls(source_graph: Path, target: Path, *, weight_type: str = "QInt8", per_channel: bool = True,
+                     reduce_range: bool = True) -> None:
+    """ONNX Runtime's dynamic quantization of source_graph's MatMuls into target (+ its .data). The defaults are
+    sdrt's choice (see above); benchmarks/int8_options.py measures the others through this same call."""
     import onnx
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
@@ -37,13 +39,18 @@ def write_int8_graph(source_graph: Path, log=print) -> Path:
     # Winograd's weight transforms (export/winograd.py) are MatMuls on weights too, folded at load: left fp32
     graph = onnx.load(str(source_graph), load_external_data=False).graph
     keep_fp32 = [node.name for node in graph.node if MARK in node.name]
-    target = source_graph.parent / names.INT8_MODEL_FILE
     logging.disable(logging.WARNING)  # its advice to run its pre-processing script goes to the root logger
     try:
-        quantize_dynamic(str(source_graph), str(target), weight_type=QuantType.QInt8, op_types_to_quantize=["MatMul"],
-                         per_channel=True, reduce_range=True, use_external_data_format=True,
-                         nodes_to_exclude=keep_fp32)
+        quantize_dynamic(str(source_graph), str(target), weight_type=getattr(QuantType, weight_type),
+                         op_types_to_quantize=["MatMul"], per_channel=per_channel, reduce_range=reduce_range,
+                         use_external_data_format=True, nodes_to_exclude=keep_fp32)
     finally:
         logging.disable(logging.NOTSET)
+
+
+def write_int8_graph(source_graph: Path, log=print) -> Path:
+    """unet/model.int8.onnx (+ model.int8.onnx.data) beside source_graph."""
+    target = source_graph.parent / names.INT8_MODEL_FILE
+    quantize_matmuls(source_graph, target)
     log(f"unet: MatMul weights quantized to int8 ({names.INT8_MODEL_FILE}, opt-in with --int8)")
     return target
