@@ -1,16 +1,16 @@
-"""sdrt's own CPU operators for ONNX Runtime (native/sdrt_ops.cpp): compiled on first use with this machine's
-C++ compiler, cached, and registered in every CPU session.
+"""sdrt's own CPU operators for ONNX Runtime (native/sdrt_ops.cpp): compiled on first use with this machine's C++
+compiler, cached, and registered in every CPU session.
 
 Why compile here: the library is built for the CPU it runs on (-march=native: AVX-512 where there is AVX-512),
 and a wheel per CPU and platform is more than these few hundred lines are worth. Why it is optional: every
-operator it provides is also an ONNX function in the graph (export/cpu_graph.py), so without a compiler, or
-with SDRT_NATIVE_OPS=0, the same graph runs on ONNX Runtime's own operators, slower and otherwise the same.
+operator it provides is also an ONNX function in the graph (export/cpu_graph.py), so without a compiler, or with
+SDRT_NATIVE_OPS=0, the same graph runs on ONNX Runtime's own operators, slower and otherwise the same.
 
 The cache key covers the sources, the compiler and its version, the flags and what -march=native means on this
-CPU (the instruction sets the compiler enables for it), so a home folder shared between machines never hands
-one CPU another's build. A build goes to a temporary file that is renamed into place: two processes building at once both end with a whole library. A cached file that won't
-load, or that another account could have written, is rebuilt; a cache folder that is not this user's alone
-turns the library off.
+CPU (the instruction sets the compiler enables for it), so a home folder shared between machines never hands one
+CPU another's build. A build goes to a temporary file that is renamed into place: two processes building at once
+both end with a whole library. A cached file that won't load, or that another account could have written, is
+rebuilt; a cache folder that is not this user's alone turns the library off.
 """
 from __future__ import annotations
 

@@ -31,8 +31,8 @@ def vp(sigma: np.float32):
     """VE sigma -> (alpha_t, sigma_t, lambda_t), float32 as diffusers computes them."""
     alpha = 1 / np.sqrt(sigma * sigma + 1)
     s = sigma * alpha
-    with np.errstate(divide="ignore"):  # final sigma 0: lambda = inf, so e^-h = 0 and the step lands on x0
-        return alpha, s, fmath.log(alpha) - fmath.log(s)
+    # final sigma 0: log 0 = -inf, so lambda = inf, e^-h = 0 and the step lands on x0
+    return alpha, s, fmath.log(alpha) - fmath.log(s)
 
 
 class DPMPP2M(Sampler):

@@ -31,15 +31,14 @@ def alpha_sigma(sigma: np.float32) -> tuple[np.float32, np.float32]:
     return alpha_t, sigma * alpha_t
 
 
-# Scalar log and expm1 in float64 rounded to float32: torch's scalar float32 log/expm1 (libm) are correctly
-# rounded nearly always, numpy's vectorised float32 ones are off by an ulp a fifth of the time.
+# Scalar log and expm1 correctly rounded to float32 (fmath), as torch's scalar float32 libm calls nearly always
+# are; sigma 0 (the final step) gives log 0 = -inf, so lambda = +inf, as in diffusers.
 def _log(v: np.float32) -> np.float32:
-    with np.errstate(divide="ignore"):  # sigma 0 (the final step) gives lambda = +inf, as in diffusers
-        return F32(fmath.log(np.float64(v)))
+    return F32(fmath.log(v))
 
 
 def _expm1(v: np.float32) -> np.float32:
-    return F32(fmath.expm1(np.float64(v)))
+    return F32(fmath.expm1(v))
 
 
 def half_log_snr(sigma: np.float32) -> np.float32:
