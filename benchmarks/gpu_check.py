@@ -1,6 +1,6 @@
 """GPU check for any CUDA machine: `python benchmarks/gpu_check.py [--json OUT]`.
 
-(a) sdrt's cuda-python layer (sdrt/runtime/cuda.py): device and pinned allocation, copies both ways, a stream
+(a) sdrt's cuda-python layer (sdrt/runtime/engines/cuda.py): device and pinned allocation, copies both ways, a stream
     capture replayed many times equal to eager execution (kernels from CuPy or torch launched on OUR stream),
     a capture that must fail and leave the stream usable, and out-of-memory mapped to DeviceOutOfMemory.
 (b) when TensorRT is importable: engines for a random-weight tiny model (tests/tiny_models.py) and the
@@ -81,7 +81,7 @@ class Events:
     """Elapsed GPU time between two points of our stream (cudaEventRecord / cudaEventElapsedTime)."""
 
     def __init__(self, rt, stream):
-        from sdrt.runtime.cuda import check
+        from sdrt.runtime.engines.cuda import check
 
         self.rt, self.stream, self.check = rt, stream, check
         self.start = check(rt, rt.cudaEventCreate(), "cudaEventCreate")
@@ -99,7 +99,7 @@ class Events:
 
 def check_cuda_layer(args, rt, gpu) -> dict:
     from sdrt.errors import DeviceOutOfMemory
-    from sdrt.runtime import cuda
+    from sdrt.runtime.engines import cuda
 
     n, out = args.elements, {"gpu": gpu.name, "compute_capability": gpu.compute_capability}
     stream = cuda.Stream(rt)
@@ -195,9 +195,9 @@ def _stage_times(pipe, rt, stream, steps: int) -> dict:
 
 def check_tensorrt(args, rt, work: Path) -> dict:
     from sdrt.export.build import build_engines
-    from sdrt.runtime import cuda
+    from sdrt.runtime.engines import cuda
     from sdrt.runtime.pipeline import Pipeline
-    from sdrt.runtime.trt_backend import load_tensorrt_engines
+    from sdrt.runtime.engines.trt_backend import load_tensorrt_engines
 
     bundles = list(args.bundle)
     if not bundles:
@@ -243,7 +243,7 @@ def check_tensorrt(args, rt, work: Path) -> dict:
 def main(argv=None) -> int:
     args = parse_args(argv)
     from sdrt.errors import SdrtError
-    from sdrt.runtime import cuda
+    from sdrt.runtime.engines import cuda
 
     try:
         rt = cuda.runtime()

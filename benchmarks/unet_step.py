@@ -43,7 +43,7 @@ def main() -> None:
     from diffusers import UNet2DConditionModel
 
     from sdrt.bench import machine_info, summarize, versions
-    from sdrt.runtime.engine import OrtEngine
+    from sdrt.runtime.engines.ort import OrtEngine
     from sdrt.runtime.manifest import load_manifest
 
     torch.set_num_threads(args.threads)

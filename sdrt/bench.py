@@ -4,7 +4,7 @@ Each run is one `Pipeline.txt2img` call, the path users take, with timers around
 (bound on the instance for the run and removed after it; `pipeline.py` is not changed):
 
     _job            the request: a fresh sampler per run (multistep samplers keep state)
-    _guided_text    text encoder stage: tokenize + CLIP, the negative and positive prompt in one batch
+    _conditioning   text encoder stage: tokenize + CLIP, the negative and positive prompt in one batch
     engines["unet"] U-Net stage, per model call (Heun makes 2N-1 calls, PLMS N+1); includes the engine's
                     input checks, as every call pays them
     sampler         sampler arithmetic per step: scale_model_input + step
@@ -52,7 +52,7 @@ STAGES = (
     ("vae_decode", "VAE decode", "run"),
     ("end_to_end", "end to end", "run"),
 )
-_WRAPPED = ("_job", "_guided_text", "_denoise", "decode")  # the pipeline methods bench times
+_WRAPPED = ("_job", "_conditioning", "_denoise", "decode")  # the pipeline methods bench times
 _MISSING = object()
 
 
@@ -109,7 +109,7 @@ class RunTimes:
     def check(self) -> None:
         """Every stage seen once (the loop once per model call): else txt2img no longer goes through the
         pieces bench wraps, and its numbers would be wrong rather than missing."""
-        seen = {"_guided_text": len(self.text), "_denoise": len(self.loop), "decode": len(self.decode)}
+        seen = {"_conditioning": len(self.text), "_denoise": len(self.loop), "decode": len(self.decode)}
         wrong = [f"{k} ran {n} times" for k, n in seen.items() if n != 1]
         if len(self.unet) != self.model_calls or len(self.sampler) != self.model_calls:
             wrong.append(f"{self.model_calls} model calls expected, the U-Net ran {len(self.unet)} times and the "
@@ -170,7 +170,7 @@ class _DeviceMemory:
         self.peak, self._rt = None, None
         if _backend(pipe) != "onnxruntime-cpu":
             try:
-                from .runtime import cuda
+                from .runtime.engines import cuda
 
                 self._rt, self._info = cuda.runtime(), cuda.mem_info_or_none
                 self.peak = 0
@@ -187,7 +187,7 @@ class _DeviceMemory:
         if self._rt is None:
             return None
         try:
-            from .runtime import cuda
+            from .runtime.engines import cuda
 
             return cuda.device_info(self._rt).name
         except Exception:  # noqa: BLE001 - the name is decoration
@@ -198,7 +198,7 @@ class _DeviceMemory:
 def instrumented(pipe, times: RunTimes, probe: Callable[[], None] = lambda: None):
     """Bind timed versions of the pipeline's pieces on `pipe` for one run; restore everything after."""
     saved = {name: pipe.__dict__.get(name, _MISSING) for name in _WRAPPED}
-    job, guided_text, denoise, decode = (getattr(pipe, name) for name in _WRAPPED)
+    job, conditioning, denoise, decode = (getattr(pipe, name) for name in _WRAPPED)
 
     def timed(fn, into: list[float]):
         def wrapper(*args, **kwargs):
@@ -217,7 +217,7 @@ def instrumented(pipe, times: RunTimes, probe: Callable[[], None] = lambda: None
         return dataclasses.replace(j, solver=_TimedSampler(j.solver, times.sampler))
 
     pipe._job = timed_job
-    pipe._guided_text = timed(guided_text, times.text)
+    pipe._conditioning = timed(conditioning, times.text)
     pipe._denoise = timed(denoise, times.loop)
     pipe.decode = timed(decode, times.decode)
     try:

@@ -31,7 +31,7 @@ def _version(module: str) -> tuple[str | None, str | None]:
 
 
 def _gpu_via_cuda_python() -> dict:
-    from .runtime import cuda
+    from .runtime.engines import cuda
 
     rt = cuda.runtime()
     gpu = cuda.device_info(rt)
@@ -85,8 +85,8 @@ def onnxruntime_report() -> dict:
 
 
 def native_ops_report() -> dict:
-    """sdrt's CPU operators for ONNX Runtime (runtime/native_ops.py): built or found here, or why not."""
-    from .runtime import native_ops
+    """sdrt's CPU operators for ONNX Runtime (runtime/engines/native_ops.py): built or found here, or why not."""
+    from .runtime.engines import native_ops
 
     try:
         status = native_ops.status()
@@ -142,7 +142,7 @@ def build_preflight():
     MissingDependency line naming everything missing."""
     problems = []
     try:
-        from .runtime import cuda
+        from .runtime.engines import cuda
 
         rt = cuda.runtime()
         gpu = cuda.device_info(rt)

@@ -22,7 +22,7 @@ def test_structure_and_positive_timings(result):
     c = result["config"]
     assert (c["steps"], c["model_calls"], c["runs"], c["warmup"], c["batch"], c["unet_batch"]) == (2, 2, 2, 1, 1, 2)
     assert c["backend"] == "onnxruntime-cpu" and c["threads"] >= 1
-    assert c["native_ops"] is True  # this machine has a C++ compiler: sdrt's kernels run (runtime/native_ops.py)
+    assert c["native_ops"] is True  # this machine has a C++ compiler: sdrt's kernels run (runtime/engines/native_ops.py)
     assert (c["width"], c["height"]) == (64, 64)
     assert [key for key, _, _ in STAGES] == list(result["stages"])
     per_step = {"unet_step": 4, "sampler_step": 4}  # steps x runs; the others: one sample per run
@@ -60,7 +60,7 @@ def test_the_pipeline_is_left_as_it_was(pipes):
     pipe = pipes["sd1"]
     unet = pipe.engines["unet"]
     times, images = timed_txt2img(pipe, "a red circle", steps=2, seed=1, watermark=False)
-    assert not {"_job", "_guided_text", "_denoise", "decode"} & set(vars(pipe))
+    assert not {"_job", "_conditioning", "_denoise", "decode"} & set(vars(pipe))
     assert pipe.engines["unet"] is unet
     assert len(times.unet) == 2 and len(times.text) == 1 and len(images) == 1
     # the instrumented run gives the plain run's image

@@ -84,7 +84,7 @@ def test_where_sdrts_operators_stop_the_graph_keeps_onnx_runtimes_and_draws_the_
     """large: what SD 1.5 and 2.1 get (head sizes 40-160, gigabytes of weights), no sdrt operator at all; mixed:
     attentions over more than 16 x 77 scores (the 8x8 latent level) stay ONNX Runtime's. Simulated on the test
     model by lowering the limits below it."""
-    from sdrt.runtime.engine import OrtEngine
+    from sdrt.runtime.engines.ort import OrtEngine
 
     if case == "large":
         monkeypatch.setattr(cpu_graph, "NATIVE_MAX_HEAD_SIZE", 0)
@@ -108,7 +108,7 @@ def test_where_sdrts_operators_stop_the_graph_keeps_onnx_runtimes_and_draws_the_
 
 def test_a_lora_on_3x3_convolutions_reaches_their_winograd_form(bundles, plain_bundle, tmp_path):
     """A LoCon-style LoRA on resnet convolutions: ONNX Runtime folds Winograd's weight transform from the graph
-    file's weight unless told not to (runtime/engine.py); the CPU graph must draw what the plain graph draws."""
+    file's weight unless told not to (runtime/engines/ort.py); the CPU graph must draw what the plain graph draws."""
     import torch
     from safetensors.torch import save_file
 

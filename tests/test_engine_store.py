@@ -17,10 +17,10 @@ import pytest
 
 from sdrt.errors import EngineNotBuilt, InvalidRequest, StaleEngine
 from sdrt.runtime import names
-from sdrt.runtime.engine_store import (EngineStore, GpuInfo, engine_manifest, find_store, gpu_key, model_hash,
+from sdrt.runtime.engines.store import (EngineStore, GpuInfo, engine_manifest, find_store, gpu_key, model_hash,
                                        onnx_digests)
 from sdrt.runtime.manifest import GraphSpec, Manifest, TensorSpec
-from sdrt.runtime.trt_profiles import default_sizes, engine_specs, fit
+from sdrt.runtime.engines.trt_profiles import default_sizes, engine_specs, fit
 
 H100 = GpuInfo("NVIDIA H100 80GB HBM3", "9.0", "550.54.15", 80 * 2**30)
 TRT = "10.8.0.43"
@@ -264,7 +264,8 @@ CHILD = textwrap.dedent("""
     sys.path.insert(0, {tests!r})
     from pathlib import Path
     from test_engine_store import make_store, unet_spec, fake_build
-    from sdrt.runtime import engine_store, fsutil
+    from sdrt.runtime import fsutil
+    from sdrt.runtime.engines import store as engine_store
     stage = {stage!r}
     def hang(*args, **kwargs):
         print("hanging", flush=True)

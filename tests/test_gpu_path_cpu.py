@@ -11,7 +11,7 @@ import pytest
 
 from sdrt import doctor as doc
 from sdrt.errors import MissingDependency
-from sdrt.runtime import cuda
+from sdrt.runtime.engines import cuda
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -74,7 +74,7 @@ def test_auto_backend_is_onnxruntime_without_engines_and_tensorrt_says_why(tmp_p
     if _has_gpu_and_trt():
         pytest.skip("this machine has TensorRT")
     from sdrt.errors import InvalidRequest
-    from sdrt.runtime.trt_backend import choose_backend, load_tensorrt_engines
+    from sdrt.runtime.engines.trt_backend import choose_backend, load_tensorrt_engines
     from test_engine_store import fake_manifest
 
     m = fake_manifest()
@@ -87,7 +87,7 @@ def test_auto_backend_is_onnxruntime_without_engines_and_tensorrt_says_why(tmp_p
 
 
 def test_onnxruntime_on_gpu_refuses_without_the_cuda_provider(tmp_path):
-    from sdrt.runtime.ort_gpu import OrtCudaEngine, cuda_provider_available
+    from sdrt.runtime.engines.ort_gpu import OrtCudaEngine, cuda_provider_available
 
     if cuda_provider_available():
         pytest.skip("onnxruntime-gpu is installed")

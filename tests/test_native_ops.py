@@ -1,4 +1,4 @@
-"""sdrt's own CPU operators (runtime/native_ops.py, runtime/native/, export/native_graph.py): each kernel against
+"""sdrt's own CPU operators (runtime/engines/native_ops.py, runtime/engines/native/, export/native_graph.py): each kernel against
 a float64 numpy reference, the graph's function fallback against the kernel, the group-norm rewrite, and the
 build cache's failure modes. The SD1 test bundle's U-Net uses both kernels (head size 8, a small model), so
 every SD1 parity test runs through them too."""
@@ -19,7 +19,7 @@ import pytest
 from onnx import helper, TensorProto
 
 from sdrt.export import native_graph
-from sdrt.runtime import native_ops
+from sdrt.runtime.engines import native_ops
 
 # (batch, queries, keys, heads, head size): the compiled-in head sizes (8, 10, 16, 20, 32) and others, blocks of
 # 16 queries that end ragged, one key, cross attention's 77 keys.
@@ -153,7 +153,7 @@ def test_each_instruction_set_gets_a_build_of_its_own(monkeypatch, tmp_path):
 
 PROBE = textwrap.dedent("""
     import json, sys
-    from sdrt.runtime import native_ops
+    from sdrt.runtime.engines import native_ops
     s = native_ops.status()
     print(json.dumps({"path": str(s.path) if s.path else None, "detail": s.detail}))
 """)

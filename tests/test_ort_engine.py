@@ -1,4 +1,4 @@
-"""The ONNX Runtime CPU engine (sdrt/runtime/engine.py): a small graph runs a batch as one-thread pieces side by
+"""The ONNX Runtime CPU engine (sdrt/runtime/engines/ort.py): a small graph runs a batch as one-thread pieces side by
 side and must give exactly what the whole batch gives; a large graph, or one without a shared batch dimension,
 runs whole; a failure in a piece is the engine's typed error."""
 from __future__ import annotations
@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from sdrt.errors import EngineError
-from sdrt.runtime.engine import OrtEngine
+from sdrt.runtime.engines.ort import OrtEngine
 from sdrt.runtime.manifest import load_manifest
 
 EMBEDDED = Path(__file__).resolve().parents[1] / "sdrt" / "embedded" / "bundle"

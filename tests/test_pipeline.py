@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 
 from sdrt.errors import InvalidRequest, NonFiniteOutput, UnknownSampler
 from sdrt.runtime import request
-from sdrt.runtime.engine import Engine
+from sdrt.runtime.engines.ort import Engine
 
 GOLDEN_SEED_5 = [-1.2224977, -2.1383154, -0.06472305, -0.70555127]  # default_rng(5).standard_normal(4, float32)
 

@@ -170,7 +170,7 @@ def test_gated_names_are_only_missing_where_their_branch_cannot_run(trt_versions
 
 
 def test_numpy_dtype_table_names_tensorrt_types(trt_versions):
-    from sdrt.runtime.trt_engine import TRT_TO_NUMPY
+    from sdrt.runtime.engines.trt_engine import TRT_TO_NUMPY
 
     newer = {"INT64"}  # TensorRT 8.6 has no INT64 tensors, so no 8.6 engine has one to look up
     for names in trt_versions.values():

@@ -15,9 +15,10 @@ import numpy as np
 import pytest
 
 from sdrt.errors import DeviceError, DeviceOutOfMemory, EngineNotBuilt, MissingDependency, StaleEngine
-from sdrt.runtime import cuda, names
+from sdrt.runtime import names
+from sdrt.runtime.engines import cuda
 from sdrt.runtime.manifest import TensorSpec
-from sdrt.runtime.trt_engine import (DeviceMemoryPool, TensorRTEngine, TrtComponent, deserialize_error, layout,
+from sdrt.runtime.engines.trt_engine import (DeviceMemoryPool, TensorRTEngine, TrtComponent, deserialize_error, layout,
                                      merged_specs, numpy_dtype)
 
 HAS_CUDA_PYTHON = importlib.util.find_spec("cuda") is not None and (

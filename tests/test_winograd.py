@@ -10,7 +10,7 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 from sdrt.export import winograd
-from sdrt.runtime.engine import OrtEngine
+from sdrt.runtime.engines.ort import OrtEngine
 
 RNG = np.random.default_rng(7)
 

@@ -1,6 +1,6 @@
 """`sdrt build`: TensorRT engines for a bundle on this GPU, stored in the engine store.
 
-One engine per shape (see sdrt.runtime.trt_profiles), each with one static optimization profile. Precision:
+One engine per shape (see sdrt.runtime.engines.trt_profiles), each with one static optimization profile. Precision:
 TensorRT >= 10 builds strongly typed networks (weak typing is deprecated from 10.12 and gone in 11), so for
 fp16 the graph itself is converted to fp16 first (sdrt.export.fp16) and parsed into a STRONGLY_TYPED network;
 TensorRT < 10 gets the fp32 graph and the FP16 builder flag. The VAE is checked after its fp16 build and
@@ -24,11 +24,12 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import BuildFailed, DeviceOutOfMemory, MissingDependency
-from ..runtime import cuda, names
-from ..runtime.engine_store import EngineStore, engine_manifest
+from ..runtime import names
+from ..runtime.engines import cuda
+from ..runtime.engines.store import EngineStore, engine_manifest
 from ..runtime.manifest import load_manifest
-from ..runtime.trt_backend import engines_dir as resolve_engines_dir
-from ..runtime.trt_profiles import EngineSpec, default_sizes, engine_specs
+from ..runtime.engines.trt_backend import engines_dir as resolve_engines_dir
+from ..runtime.engines.trt_profiles import EngineSpec, default_sizes, engine_specs
 
 VAE_COMPONENTS = (names.VAE_DECODER, names.VAE_ENCODER)
 
@@ -75,7 +76,7 @@ def _timing_cache(config, data: bytes | None, source: str):
 def trt_build(trt, rt, onnx_path: Path, spec: EngineSpec, fp16: bool, workspace_gb: float | None,
               cache: bytes | None, cache_source: str, log) -> tuple[object, bytes, dict]:
     """Build one engine: (serialized plan, updated timing cache, build options for the manifest)."""
-    from ..runtime.trt_engine import make_logger
+    from ..runtime.engines.trt_engine import make_logger
 
     logger = make_logger(trt)
     builder = trt.Builder(logger)
@@ -124,7 +125,7 @@ def check_input(manifest, spec: EngineSpec, seed: int = 0) -> dict[str, np.ndarr
 
 
 def outputs_finite(trt, rt, plan, name: str, feeds: dict[str, np.ndarray]) -> bool:
-    from ..runtime.trt_engine import TrtSession
+    from ..runtime.engines.trt_engine import TrtSession
 
     session = TrtSession(trt, rt)
     try:

@@ -16,7 +16,8 @@ import numpy as np
 
 from .. import __version__
 from ..errors import ExportFailed, InvalidRequest, OutputNotWritable
-from ..runtime import names, native_ops, request
+from ..runtime import names, request
+from ..runtime.engines import native_ops
 from ..runtime.fsutil import atomic_write_bytes, fsync_dir, make_temp_dir, relax_permissions, sha256_file
 from ..runtime.manifest import GraphSpec, Manifest, TensorSpec
 from ..runtime.tokenizer import ClipTokenizer, load_tokenizer_files
@@ -221,7 +222,7 @@ def _write_cpu_graph(comp: str, traced, path: Path, conv_sizes: dict, rule: str,
 
 def _verify_cpu_graph(comp: str, expected: list, path: Path, feeds: dict) -> dict[str, float]:
     """The CPU graph's error on ONNX Runtime's operators and, where it uses sdrt's (export/native_graph.py) and
-    this machine has them (runtime/native_ops.py), on those too: a bundle runs either way."""
+    this machine has them (runtime/engines/native_ops.py), on those too: a bundle runs either way."""
     import onnx
 
     key = f"{comp} ({names.CPU_MODEL_FILE})"

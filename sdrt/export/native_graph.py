@@ -1,7 +1,7 @@
-"""sdrt's own operators in the U-Net's CPU graph (domain ai.sdrt; kernels in runtime/native/).
+"""sdrt's own operators in the U-Net's CPU graph (domain ai.sdrt; kernels in runtime/engines/native/).
 
 Each is written as a node of the ai.sdrt domain plus an ONNX function of the same name whose body is the
-operators it replaces, so one graph serves two cases: where runtime/native_ops.py could build the library,
+operators it replaces, so one graph serves two cases: where runtime/engines/native_ops.py could build the library,
 ONNX Runtime runs sdrt's kernel; elsewhere it inlines the function, and computes exactly what the graph
 computed before the rewrite.
 

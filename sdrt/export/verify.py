@@ -67,7 +67,7 @@ def expected_outputs(source, component: str, module, feeds: dict[str, np.ndarray
 def verify(component: str, expected: list, onnx_path: Path, feeds: dict[str, np.ndarray],
            limit: float | None = None, native_ops: Path | None = None) -> float:
     """Run the graph on feeds; its worst relative error vs torch's outputs (default limit: RELATIVE_ERROR_LIMIT).
-    native_ops: sdrt's operator library to run the graph with (runtime/native_ops.py); without it ONNX Runtime
+    native_ops: sdrt's operator library to run the graph with (runtime/engines/native_ops.py); without it ONNX Runtime
     runs the functions that stand in for those operators."""
     import onnxruntime as ort
 

@@ -11,7 +11,7 @@ pixel (the GEMMs' depth) and many tiles (their width), hence `RULES`. Rounding d
 by about 1e-5 relative.
 
 How, as plain ONNX operators (the weight transform is a constant subgraph of the original weight: ONNX Runtime
-folds it once, at load, and the graph keeps the weight's name for LoRA; runtime/engine.py turns that folding off
+folds it once, at load, and the graph keeps the weight's name for LoRA; runtime/engines/ort.py turns that folding off
 under a LoRA on a 3x3 convolution, which ONNX Runtime would miss), each eligible Conv(x, w, b) with x
 (B, C, H, W) becomes
     V = depthwise Conv(x, B^T d B kernels, stride 4)     (B, 36*C, n, m)   n, m = ceil(H/4), ceil(W/4)

@@ -14,6 +14,7 @@ from typing import Any
 
 from ..errors import BundleCorrupt, BundleNotFound, UnsupportedBundleVersion
 from . import names
+from .families import Family, family_of
 from .fsutil import sha256_file
 
 FORMAT = "sdrt-bundle"
@@ -73,7 +74,17 @@ class Manifest:
     int8_graphs: dict[str, str] = field(default_factory=dict)  # component -> int8 graph, opened only when asked
     versions: dict[str, str] = field(default_factory=dict)
     format_version: int = FORMAT_VERSION
+    family: str = "sd"  # the model family (runtime/families): SD 1.x/2.x, or one registered beside it
+    family_settings: dict[str, Any] = field(default_factory=dict)  # what that family alone reads
     hashed: bool = True  # False for a derived (optimum) manifest: nothing was checked
+
+    @property
+    def model_family(self) -> Family:
+        return family_of(self.family)
+
+    @property
+    def required_components(self) -> tuple[str, ...]:
+        return self.model_family.required_components
 
     @property
     def graph_files(self) -> list[tuple[str, str]]:
@@ -88,6 +99,8 @@ class Manifest:
 
     def to_json(self) -> dict:
         d = {k: v for k, v in asdict(self).items() if k not in ("graphs", "hashed")}
+        if self.family == "sd" and not self.family_settings:  # SD bundles read as they did before families
+            del d["family"], d["family_settings"]
         d["graphs"] = {k: g.to_json() for k, g in self.graphs.items()}
         return {"format": FORMAT, **d}
 
@@ -135,7 +148,7 @@ def _parse(path: Path) -> Manifest:
     for rel in [*manifest.files, *(rel for _, rel in manifest.graph_files), *extra]:
         if Path(rel).is_absolute() or ".." in Path(rel).parts:
             raise BundleCorrupt(f"{str(path)!r} names the file {rel!r}, outside the bundle; refusing it. {REEXPORT}")
-    missing = [c for c in names.REQUIRED_COMPONENTS if c not in manifest.graphs]
+    missing = [c for c in manifest.required_components if c not in manifest.graphs]
     if missing:
         raise BundleCorrupt(f"{str(path)!r} lists no graph for {', '.join(missing)}; {REEXPORT}")
     return manifest

@@ -20,7 +20,7 @@ FILLS = ("edge", "noise")
 
 
 class ImageModes:
-    """Mixed into Pipeline: uses its _job, _denoise, _guided_text, decode, _images and engines."""
+    """Mixed into Pipeline: uses its _job, _denoise, _conditioning, decode, _images and engines."""
 
     def img2img(self, image, prompt: str, strength: float = 0.75, resize: bool = False, progress=None, **options):
         """Rework `image` (path, PIL or uint8 array): VAE-encode it, noise it to the step `strength` selects
@@ -31,7 +31,7 @@ class ImageModes:
         start = self._start(job, strength)
         x0 = self.encode_image(im.to_array(img), job)  # (B, 4, h, w)
         x = job.solver.add_noise(x0, job.noise.standard_normal(job.latent_shape), start)
-        x = self._denoise(x, self._guided_text(job), job, start, progress)
+        x = self._denoise(x, self._conditioning(job), job, start, progress)
         return self._images(self.decode(x), job, **{"Denoising strength": strength})
 
     def inpaint(self, image, mask, prompt: str, strength: float = 1.0, mask_blur: int = 4, only_masked: bool = False,
@@ -89,7 +89,7 @@ class ImageModes:
         start = self._start(job, strength)
         x0 = self.encode_image(im.to_array(img), job)
         x = job.solver.add_noise(x0, job.noise.standard_normal(job.latent_shape), start)
-        x = self._denoise(x, self._guided_text(job), job, start, progress, extra=cond)
+        x = self._denoise(x, self._conditioning(job), job, start, progress, extra=cond)
         return self._images(self.decode(x), job, **{"Denoising strength": strength, "Depth": source})
 
     def estimate_depth(self, image: Image.Image) -> np.ndarray:
@@ -122,10 +122,10 @@ class ImageModes:
         x0 = None if full and channels != latent else self.encode_image(pixels, job)
         noise = job.noise.standard_normal(job.latent_shape)
         x = noise * np.float32(job.solver.init_noise_sigma) if full else job.solver.add_noise(x0, noise, start)
-        text = self._guided_text(job)
+        cond = self._conditioning(job)
         if channels != latent:  # an inpainting model: [latents, mask, masked-image latents]
             masked = self.encode_image(pixels * (mask < 0.5), job)
-            x = self._denoise(x, text, job, start, progress, extra=np.concatenate([m, masked], axis=1))
+            x = self._denoise(x, cond, job, start, progress, extra=np.concatenate([m, masked], axis=1))
         else:  # an ordinary model: put the known region back after every step, noised to the next one
             last = len(job.solver.timesteps) - 1
 
@@ -133,7 +133,7 @@ class ImageModes:
                 known = x0 if i == last else job.solver.add_noise(x0, noise, i + 1)
                 return (1 - m) * known + m * x
 
-            x = self._denoise(x, text, job, start, progress, blend=blend)
+            x = self._denoise(x, cond, job, start, progress, blend=blend)
         return self.decode(x)
 
     def _inpaint_crop(self, img, msk, prompt, strength, blur, padding, progress, options):

@@ -16,7 +16,7 @@ from ..errors import BundleCorrupt, BundleNotFound, InvalidRequest, NonFiniteOut
 from . import lora, names, request
 from . import watermark as _watermark
 from .embeddings import load_embedding
-from .engine import Engine, OrtEngine
+from .engines import BACKENDS, Engine, OrtEngine, open_engines, open_onnx
 from .images import a1111_parameters, to_pil
 from .lora import Lora
 from .manifest import Manifest, load_manifest, read_json
@@ -24,7 +24,6 @@ from .modes import ImageModes
 from .samplers import Sampler, SchedulerConfig, make_sampler
 from .text import TextEncoder, TextOptions
 from .tokenizer import ClipTokenizer
-from .trt_backend import BACKENDS, choose_backend, load_tensorrt_engines
 
 Progress = Callable[[int, int], None]
 
@@ -33,6 +32,7 @@ class Pipeline(ImageModes):
     def __init__(self, path: Path, manifest: Manifest, engines: dict[str, Engine], text: TextEncoder,
                  scheduler_config: dict, threads: int | None = None):
         self.path, self.manifest, self.engines, self.threads = path, manifest, engines, threads
+        self.family = manifest.model_family  # what the U-Net takes besides latents and timestep
         self.backend, self.trt_session, self.int8 = "onnxruntime", None, False
         self.text, self.tokenizer, self.scheduler_config = text, text.tokenizer, scheduler_config
         self.loras: tuple[Lora, ...] = ()  # applied to the U-Net and text encoder engines now
@@ -55,17 +55,7 @@ class Pipeline(ImageModes):
                                  "`sdrt export SRC --out BUNDLE`, then --model BUNDLE / Pipeline.load(BUNDLE)")
         path = Path(embedded.BUNDLE if path is None else path).expanduser()
         manifest = load_manifest(path)
-        if int8:
-            _check_int8(path, manifest, backend)
-            backend = "onnxruntime"
-        backend, session = choose_backend(backend, path, manifest, engines), None
-        if backend == "tensorrt":
-            opened, session = load_tensorrt_engines(path, manifest, engines)
-        else:
-            chosen = {**manifest.cpu_graphs, **(manifest.int8_graphs if int8 else {})}
-            opened = {comp: OrtEngine(path / chosen.get(comp, g.path), comp, threads)
-                      for comp, g in manifest.graphs.items() if comp in names.REQUIRED_COMPONENTS}
-        _check_io(manifest, opened)
+        opened = open_engines(path, manifest, backend, engines, threads, int8)
         tokenizer = ClipTokenizer.from_folder(path / "tokenizer", manifest.tokenizer_max_length,
                                               manifest.tokenizer_pad_id)
         table = _token_embeddings(path, manifest) if manifest.token_embeddings else None
@@ -73,15 +63,13 @@ class Pipeline(ImageModes):
         sched = read_json(sched_file) if sched_file.exists() else {}
         sched["prediction_type"] = manifest.prediction_type
         SchedulerConfig.from_dict(sched)  # refuse an unusable config at load, not at the first request
-        pipe = cls(path, manifest, opened, TextEncoder(opened, tokenizer, table), sched, threads)
-        pipe.backend, pipe.trt_session = backend, session  # the session owns the engines' device memory
+        pipe = cls(path, manifest, opened.engines, TextEncoder(opened.engines, tokenizer, table), sched, threads)
+        pipe.backend, pipe.trt_session = opened.backend, opened.session  # the session owns the device memory
         pipe.int8 = int8
         return pipe
 
     def _open(self, component: str, rel: str) -> Engine:
-        engine = OrtEngine(self.path / rel, component, self.threads)
-        _check_io(self.manifest, {component: engine})
-        return engine
+        return open_onnx(self.path, self.manifest, component, rel, self.threads)
 
     def load_embedding(self, path: str | Path, trigger: str | None = None, allow_pickle: bool = False) -> str:
         """Load a textual-inversion embedding (A1111 .pt/.safetensors, diffusers learned_embeds); its trigger
@@ -124,12 +112,13 @@ class Pipeline(ImageModes):
         """(N, 77·k, D): prompts in A1111's syntax, each padded to the longest one's k chunks."""
         return _finite(self.text.encode(prompts, options), "text encoder")
 
-    def _denoise(self, x: np.ndarray, text: np.ndarray, job: "_Job", start: int = 0,
+    def _denoise(self, x: np.ndarray, cond: dict[str, np.ndarray], job: "_Job", start: int = 0,
                  progress: Progress | None = None, extra: np.ndarray | None = None, blend=None) -> np.ndarray:
-        """The loop. x: (B, 4, h, w) noised latents; text: (2B, 77·k, D) [uncond; cond] with guidance, else
-        (B, 77·k, D). extra: (B, C', h, w) channels the U-Net takes after the latents (inpainting models: mask
-        and masked-image latents; depth2img: depth). blend(x, i): what to keep after step i (inpainting with
-        an ordinary model puts the known region back)."""
+        """The loop. x: (B, 4, h, w) noised latents; cond: the model family's conditioning inputs of the U-Net,
+        rows [uncond; cond] with guidance (SD: encoder_hidden_states (2B, 77·k, D)), passed through unread.
+        extra: (B, C', h, w) channels the U-Net takes after the latents (inpainting models: mask and
+        masked-image latents; depth2img: depth). blend(x, i): what to keep after step i (inpainting with an
+        ordinary model puts the known region back)."""
         sampler, guidance, noise = job.solver, job.guidance, job.noise
         cfg = guidance > 1.0  # diffusers' convention: scales <= 1 run the conditional branch alone
         unet, total = self.engines[names.UNET], len(sampler.timesteps)
@@ -140,11 +129,11 @@ class Pipeline(ImageModes):
                 x_in = np.concatenate([x_in, extra], axis=1)  # (B, 4 + C', h, w)
             x_in = np.concatenate([x_in, x_in]) if cfg else x_in
             t = np.float32(sampler.timesteps[i]) if scalar_t else np.full(len(x_in), sampler.timesteps[i], np.float32)
-            eps = unet(**{names.SAMPLE: x_in, names.TIMESTEP: t, names.ENCODER_HIDDEN_STATES: text})[names.OUT_SAMPLE]
+            eps = unet(**{names.SAMPLE: x_in, names.TIMESTEP: t, **cond})[names.OUT_SAMPLE]
             eps = _finite(np.asarray(eps, np.float32), "U-Net", step=i)  # no copy when already fp32
             if cfg:
-                uncond, cond = eps[: len(x)], eps[len(x):]  # views: np.split costs 4x more per step
-                eps = uncond + np.float32(guidance) * (cond - uncond)
+                eps_uncond, eps_cond = eps[: len(x)], eps[len(x):]  # views: np.split costs 4x more per step
+                eps = eps_uncond + np.float32(guidance) * (eps_cond - eps_uncond)
             x = sampler.step(eps, i, x, noise)
             if blend is not None:
                 x = blend(x, i)
@@ -177,7 +166,7 @@ class Pipeline(ImageModes):
             latents = request.check_latents(latents, job.latent_shape)
         x = job.noise.standard_normal(job.latent_shape) if latents is None else latents
         x = x * np.float32(job.solver.init_noise_sigma)  # (B, 4, H/8, W/8)
-        x = self._denoise(x, self._guided_text(job), job, progress=progress)
+        x = self._denoise(x, self._conditioning(job), job, progress=progress)
         return self._images(self.decode(x), job, seeded=latents is None)
 
     def _require_unet(self, channels: int, mode: str) -> None:
@@ -221,11 +210,9 @@ class Pipeline(ImageModes):
                 raise InvalidRequest(f"{what} must be True or False, got {value!r}")
         return TextOptions(emphasis, truncate, request.check_int(clip_skip, "clip skip", 1, self.text.layers))
 
-    def _guided_text(self, job: "_Job") -> np.ndarray:
-        if job.guidance <= 1.0:
-            return np.repeat(self.encode_prompt([job.prompt], job.text), job.batch, axis=0)  # (B, 77·k, D)
-        uncond, cond = np.split(self.encode_prompt([job.negative_prompt, job.prompt], job.text), 2)
-        return np.concatenate([np.repeat(uncond, job.batch, axis=0), np.repeat(cond, job.batch, axis=0)])  # (2B, 77, D)
+    def _conditioning(self, job: "_Job") -> dict[str, np.ndarray]:
+        """The prompts as the U-Net's conditioning inputs, as the model family makes them (runtime/families)."""
+        return self.family.conditioning(self, job)
 
     def _images(self, decoded, job: "_Job", seeded: bool = True, paste=None, **extra) -> list:
         """PIL images with their AUTOMATIC1111 parameters. `seeded`: the initial noise came from the seed.
@@ -303,23 +290,3 @@ def _finite(x: np.ndarray, stage: str, step: int | None = None) -> np.ndarray:
     if not np.isfinite(x).all():
         raise NonFiniteOutput(stage, step)
     return x
-
-
-def _check_int8(path: Path, manifest: Manifest, backend: str) -> None:
-    if backend == "tensorrt":
-        raise InvalidRequest("int8 is an ONNX Runtime CPU mode; TensorRT engines are fp16: drop one of the two")
-    if names.UNET not in manifest.int8_graphs:
-        raise InvalidRequest(f"bundle {str(path)!r} has no int8 U-Net; export it with `sdrt export SRC --out "
-                             "BUNDLE --int8`, or generate without int8")
-
-
-def _check_io(manifest: Manifest, engines: dict[str, Engine]) -> None:
-    """The graphs on disk must have the inputs and outputs the manifest promises (names, dtypes, ranks)."""
-    for comp, engine in engines.items():
-        spec = manifest.graphs[comp]
-        for promised, actual in ((spec.inputs, engine.inputs), (spec.outputs, engine.outputs)):
-            for t in promised:
-                got = actual.get(t.name)
-                if got is None or got.dtype != t.dtype or len(got.shape) != len(t.shape):
-                    raise BundleCorrupt(f"{comp} graph does not match {names.MANIFEST_FILE}: tensor {t.name!r} "
-                                        f"should be {t.dtype} {list(t.shape)}, found {got}; re-export the bundle")

@@ -13,7 +13,7 @@ import numpy as np
 
 from ..errors import InvalidRequest
 from . import names
-from .engine import Engine
+from .engines.base import Engine
 from .lora import parse_tags
 from .prompt import Chunks, apply_emphasis, encode_chunks, pad_to
 from .tokenizer import ClipTokenizer

@@ -20,10 +20,10 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ..errors import DeviceError, DeviceOutOfMemory, EngineError, EngineNotBuilt, MissingDependency, StaleEngine
+from ...errors import DeviceError, DeviceOutOfMemory, EngineError, EngineNotBuilt, MissingDependency, StaleEngine
 from . import cuda
-from .engine import Engine
-from .manifest import TensorSpec
+from .base import Engine
+from ..manifest import TensorSpec
 from .trt_profiles import fit
 
 TRT_TO_NUMPY = {"FLOAT": "float32", "HALF": "float16", "INT32": "int32", "INT64": "int64", "BOOL": "bool",

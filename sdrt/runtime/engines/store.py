@@ -19,10 +19,10 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable
 
-from .. import __version__
-from ..errors import EngineNotBuilt, StaleEngine
-from .fsutil import atomic_write_bytes, sha256_file
-from .manifest import Manifest
+from ... import __version__
+from ...errors import EngineNotBuilt, StaleEngine
+from ..fsutil import atomic_write_bytes, sha256_file
+from ..manifest import Manifest
 
 try:
     import fcntl

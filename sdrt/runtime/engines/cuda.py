@@ -15,8 +15,8 @@ import ctypes
 
 import numpy as np
 
-from ..errors import DeviceError, DeviceOutOfMemory, MissingDependency
-from .engine_store import GpuInfo
+from ...errors import DeviceError, DeviceOutOfMemory, MissingDependency
+from .store import GpuInfo
 
 INSTALL = "pip install 'sdrt[gpu]' (cuda-python and TensorRT)"
 NO_GPU_ERRORS = ("cudaErrorNoDevice", "cudaErrorInsufficientDriver", "cudaErrorInitializationError",

@@ -13,16 +13,16 @@ precision), named by `EngineSpec.key` (the file names of the engine store):
 A request with fewer rows than the engine's batch (guidance off: 1 prompt, B rows) runs in that engine
 padded with zeros (`fit`): every layer of these models treats batch rows independently.
 
-This lives in sdrt.runtime, not sdrt.export, because the runtime picks engines with it and must not import
+This lives in sdrt.runtime.engines, not sdrt.export, because the runtime picks engines with it and must not import
 the exporter (torch).
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
 
-from ..errors import InvalidRequest
-from . import names
-from .manifest import Manifest
+from ...errors import InvalidRequest
+from .. import names
+from ..manifest import Manifest
 
 PRECISIONS = ("fp16", "fp32")
 MAX_CHUNKS = 8  # 77·8 = 616 tokens: well past any prompt people write; keeps engine sizes sane
@@ -85,17 +85,12 @@ def default_sizes(manifest: Manifest) -> list[tuple[int, int]]:
 
 
 def _inputs(manifest: Manifest, component: str) -> dict[str, tuple]:
-    """Input name -> the manifest's shape (ints static, strings dynamic); the standard names when the manifest
-    was derived from an optimum folder and lists none."""
+    """Input name -> the manifest's shape (ints static, strings dynamic); the family's standard names when the
+    manifest was derived from an optimum folder and lists none."""
     graph = manifest.graphs[component]
     if graph.inputs:
         return {t.name: tuple(t.shape) for t in graph.inputs}
-    defaults = {names.TEXT_ENCODER: {names.INPUT_IDS: ("batch", "sequence")},
-                names.UNET: {names.SAMPLE: ("batch", "c", "h", "w"), names.TIMESTEP: ("batch",),
-                             names.ENCODER_HIDDEN_STATES: ("batch", "tokens", "d")},
-                names.VAE_DECODER: {names.LATENT_SAMPLE: ("batch", "c", "h", "w")},
-                names.VAE_ENCODER: {names.SAMPLE: ("batch", 3, "h", "w")}}
-    return defaults[component]
+    return manifest.model_family.default_inputs(component)
 
 
 def _fill(declared: tuple, wanted: tuple[int, ...], component: str, name: str) -> tuple[int, ...]:
@@ -112,22 +107,8 @@ def _fill(declared: tuple, wanted: tuple[int, ...], component: str, name: str) -
 
 
 def _shapes(manifest: Manifest, component: str, rows: int, h: int, w: int, tokens: int) -> dict[str, tuple]:
-    m = manifest
-    want = {
-        names.INPUTS_EMBEDS: (rows, m.tokenizer_max_length, m.text_hidden_size),
-        names.INPUT_IDS: (rows, m.tokenizer_max_length),
-        names.TIMESTEP: (rows,),
-        names.ENCODER_HIDDEN_STATES: (rows, tokens, m.text_hidden_size),
-        names.LATENT_SAMPLE: (rows, m.latent_channels, h // m.vae_scale_factor, w // m.vae_scale_factor),
-    }
-    if component == names.UNET:
-        want[names.SAMPLE] = (rows, m.unet_in_channels, h // m.vae_scale_factor, w // m.vae_scale_factor)
-    else:
-        want[names.SAMPLE] = (rows, 3, h, w)  # the VAE encoder's image
+    want = manifest.model_family.input_shapes(manifest, component, rows, h, w, tokens)
     declared = _inputs(manifest, component)
-    if component == names.UNET and isinstance(declared.get(names.ENCODER_HIDDEN_STATES, (0, 0, 0))[2], int):
-        d = declared[names.ENCODER_HIDDEN_STATES][2]  # cross-attention width, when it differs from the encoder's
-        want[names.ENCODER_HIDDEN_STATES] = (rows, tokens, d)
     unknown = [n for n in declared if n not in want]
     if unknown:
         raise InvalidRequest(f"{component} graph has inputs {unknown} that sdrt cannot give shapes to")
@@ -145,8 +126,9 @@ def engine_specs(manifest: Manifest, sizes, batch: int = 1, precision: str = "fp
     tokens = manifest.tokenizer_max_length * chunks
     sizes = check_sizes(sizes, manifest.vae_scale_factor)
     text_rows = 2 * chunks
-    specs = [EngineSpec(names.TEXT_ENCODER, text_rows, None, None, manifest.tokenizer_max_length, precision,
-                        tuple(_shapes(manifest, names.TEXT_ENCODER, text_rows, 0, 0, tokens).items()))]
+    specs = [EngineSpec(comp, text_rows, None, None, manifest.tokenizer_max_length, precision,
+                        tuple(_shapes(manifest, comp, text_rows, 0, 0, tokens).items()))
+             for comp in manifest.model_family.text_components if comp in manifest.graphs]
     for h, w in sizes:
         for comp, rows, toks in ((names.UNET, 2 * batch, tokens), (names.VAE_DECODER, batch, None),
                                  (names.VAE_ENCODER, 1, None)):

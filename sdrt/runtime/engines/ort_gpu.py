@@ -13,8 +13,9 @@ from pathlib import Path
 
 import numpy as np
 
-from ..errors import BundleCorrupt, DeviceError, MissingDependency
-from .engine import Engine, _spec
+from ...errors import BundleCorrupt, DeviceError, MissingDependency
+from .base import Engine
+from .ort import _spec
 
 PROVIDER = "CUDAExecutionProvider"
 INSTALL = "pip install onnxruntime-gpu (in place of onnxruntime)"

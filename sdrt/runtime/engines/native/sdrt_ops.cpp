@@ -1,5 +1,5 @@
 // sdrt's operators for ONNX Runtime's CPU execution provider, as a custom-operator library
-// (SessionOptions.register_custom_ops_library). Built on the user's machine by sdrt/runtime/native_ops.py.
+// (SessionOptions.register_custom_ops_library). Built on the user's machine by sdrt/runtime/engines/native_ops.py.
 //
 //   ai.sdrt Attention(q, k, v; num_heads: int, scale: float) -> out                     (attention.h)
 //   ai.sdrt GroupNorm(x, gamma, beta; groups: int, epsilon: float) -> out                (group_norm.h)

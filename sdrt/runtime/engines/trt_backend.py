@@ -8,10 +8,11 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from ..errors import EngineNotBuilt, InvalidRequest, SdrtError
-from . import cuda, names
-from .engine_store import DEFAULT_ROOT, EngineIdentity, EngineStore, find_store, onnx_digests
-from .manifest import Manifest
+from ...errors import EngineNotBuilt, InvalidRequest, SdrtError
+from .. import names
+from . import cuda
+from .store import DEFAULT_ROOT, EngineIdentity, EngineStore, find_store, onnx_digests
+from ..manifest import Manifest
 
 BACKENDS = ("auto", "onnxruntime", "tensorrt")
 
@@ -39,7 +40,7 @@ def engines_available(bundle: Path, manifest: Manifest, engines: str | Path | No
         comps = {(store.read_manifest(k) or {}).get("component") for k in store.built_keys()}
     except (SdrtError, OSError):
         return False
-    return set(names.REQUIRED_COMPONENTS) <= comps
+    return set(manifest.required_components) <= comps
 
 
 def choose_backend(backend: str, bundle: Path, manifest: Manifest, engines: str | Path | None = None) -> str:
@@ -78,7 +79,7 @@ def load_tensorrt_engines(bundle: Path, manifest: Manifest, engines: str | Path 
     for key in store.built_keys():
         stored = store.read_manifest(key) or {}
         found.setdefault(stored.get("component"), []).append(key)
-    missing = [c for c in names.REQUIRED_COMPONENTS if c not in found]
+    missing = [c for c in manifest.required_components if c not in found]
     if missing:
         raise EngineNotBuilt(f"no TensorRT engines for {', '.join(missing)} of this bundle on this GPU "
                              f"({gpu.name}, TensorRT {trt.__version__}) under {str(store.dir)!r}; {hint}")
