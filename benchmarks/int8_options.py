@@ -29,7 +29,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from unet_step import unet_feeds  # noqa: E402
 
-OPTIONS = {  # name -> sdrt.export.int8.quantize_matmuls keyword arguments
+OPTIONS = {  # name -> sdrt.export.passes.int8.quantize_matmuls keyword arguments
     "s8-per-channel": {"weight_type": "QInt8", "per_channel": True, "reduce_range": False},  # sdrt before
     "s8-per-channel-reduce-range": {"weight_type": "QInt8", "per_channel": True, "reduce_range": True},  # sdrt's
     "s8-per-tensor-reduce-range": {"weight_type": "QInt8", "per_channel": False, "reduce_range": True},
@@ -69,7 +69,7 @@ def main() -> None:
     args = ap.parse_args()
     import onnxruntime as ort
 
-    from sdrt.export.int8 import quantize_matmuls
+    from sdrt.export.passes.int8 import quantize_matmuls
     from sdrt.export.verify import relative_error
     from sdrt.runtime.manifest import load_manifest
 

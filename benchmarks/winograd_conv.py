@@ -1,4 +1,4 @@
-"""One 3x3 convolution, direct (ONNX Runtime's Conv) against its Winograd F(4x4, 3x3) form (sdrt/export/winograd.py),
+"""One 3x3 convolution, direct (ONNX Runtime's Conv) against its Winograd F(4x4, 3x3) form (sdrt/export/passes/winograd.py),
 interleaved, by channel count and feature-map size: the measurements behind winograd.RULES["auto"].
 
     python benchmarks/winograd_conv.py --json benchmarks/results/winograd_conv.json
@@ -43,7 +43,7 @@ def main() -> None:
 
     sys.path.insert(0, str(ROOT))
     from sdrt.bench import machine_info, versions
-    from sdrt.export import winograd
+    from sdrt.export.passes import winograd
 
     rng, rows = np.random.default_rng(0), []
     for channels, side in CASES:

@@ -1,4 +1,4 @@
-"""The U-Net's fused-attention graph for ONNX Runtime on the CPU (sdrt/export/cpu_graph.py): the SD1 test bundle
+"""The U-Net's fused-attention graph for ONNX Runtime on the CPU (sdrt/export/passes/cpu_graph.py): the SD1 test bundle
 is exported with it (conftest), so every SD1 parity and LoRA test runs through it; these check its shape."""
 from __future__ import annotations
 
@@ -11,7 +11,8 @@ from conftest import latents, pixels
 
 import sdrt
 from sdrt.errors import InvalidRequest
-from sdrt.export import cpu_graph, export_bundle, native_graph
+from sdrt.export import export_bundle
+from sdrt.export.passes import cpu_graph, native_graph
 from sdrt.runtime import names
 
 QUIET = {"log": lambda *_: None}

@@ -153,7 +153,7 @@ def _run(model, feeds):
 def test_fp16_conversion_keeps_io_norms_time_embedding_and_scales_fp32():
     from onnx import TensorProto as TP
 
-    from sdrt.export.fp16 import convert_model
+    from sdrt.export.passes.fp16 import convert_model
 
     feeds = {"x": np.random.default_rng(1).standard_normal((1, 3, 8, 8)).astype(np.float32),
              "t": np.array([981], np.int64)}
@@ -178,7 +178,7 @@ def test_fp16_conversion_of_exported_graphs_matches_fp32(bundles, tmp_path):
     """The tiny SD bundle's four graphs, converted and run by ONNX Runtime on the CPU against the originals."""
     import onnxruntime as ort
 
-    from sdrt.export.fp16 import convert_file
+    from sdrt.export.passes.fp16 import convert_file
 
     rng = np.random.default_rng(0)
     dims = {"batch": 2, "height": 8, "width": 8, "tokens": 77}

@@ -1,4 +1,4 @@
-"""The opt-in int8 U-Net (sdrt/export/int8.py): exported on request, checked against torch with its own limit,
+"""The opt-in int8 U-Net (sdrt/export/passes/int8.py): exported on request, checked against torch with its own limit,
 opened only when asked for, close to the fp32 images, and refused where it can't work."""
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from conftest import SD1_CPU_GRAPH, latents, pixels
 import sdrt
 from sdrt.errors import InvalidRequest
 from sdrt.export import export_bundle
-from sdrt.export.int8 import INT8_ERROR_LIMIT, WEIGHT_RANGE
+from sdrt.export.passes.int8 import INT8_ERROR_LIMIT, WEIGHT_RANGE
 
 
 @pytest.fixture(scope="module")

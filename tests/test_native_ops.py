@@ -1,4 +1,4 @@
-"""sdrt's own CPU operators (runtime/engines/native_ops.py, runtime/engines/native/, export/native_graph.py): each kernel against
+"""sdrt's own CPU operators (runtime/engines/native_ops.py, runtime/engines/native/, export/passes/native_graph.py): each kernel against
 a float64 numpy reference, the graph's function fallback against the kernel, the group-norm rewrite, and the
 build cache's failure modes. The SD1 test bundle's U-Net uses both kernels (head size 8, a small model), so
 every SD1 parity test runs through them too."""
@@ -18,7 +18,7 @@ import onnxruntime as ort
 import pytest
 from onnx import helper, TensorProto
 
-from sdrt.export import native_graph
+from sdrt.export.passes import native_graph
 from sdrt.runtime.engines import native_ops
 
 # (batch, queries, keys, heads, head size): the compiled-in head sizes (8, 10, 16, 20, 32) and others, blocks of

@@ -1,4 +1,4 @@
-"""Winograd F(4x4, 3x3) convolutions (sdrt/export/winograd.py) against ONNX Runtime's direct Conv: any feature-map
+"""Winograd F(4x4, 3x3) convolutions (sdrt/export/passes/winograd.py) against ONNX Runtime's direct Conv: any feature-map
 size, the bias, overrides of the weight (LoRA) reaching the folded transform, and the nodes it leaves alone.
 The SD1 test bundle's CPU graph has every eligible convolution in this form (conftest), so the parity, LoRA and
 int8 tests run through it too."""
@@ -9,7 +9,7 @@ import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from sdrt.export import winograd
+from sdrt.export.passes import winograd
 from sdrt.runtime.engines.ort import OrtEngine
 
 RNG = np.random.default_rng(7)

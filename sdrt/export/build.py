@@ -2,7 +2,7 @@
 
 One engine per shape (see sdrt.runtime.engines.trt_profiles), each with one static optimization profile. Precision:
 TensorRT >= 10 builds strongly typed networks (weak typing is deprecated from 10.12 and gone in 11), so for
-fp16 the graph itself is converted to fp16 first (sdrt.export.fp16) and parsed into a STRONGLY_TYPED network;
+fp16 the graph itself is converted to fp16 first (sdrt.export.passes.fp16) and parsed into a STRONGLY_TYPED network;
 TensorRT < 10 gets the fp32 graph and the FP16 builder flag. The VAE is checked after its fp16 build and
 rebuilt in fp32 when its output on a check input is not finite (SD's VAE decoder overflows fp16 on some
 checkpoints). One timing cache per GPU key speeds up later builds; an unreadable one is ignored with a warning.
@@ -156,7 +156,7 @@ class _Builder:
             except ImportError:
                 raise MissingDependency("fp16 engines for TensorRT >= 10 convert the graph to fp16 first, which "
                                         "needs onnx: pip install onnx (or build with --precision fp32)") from None
-            from .fp16 import convert_file
+            from .passes.fp16 import convert_file
 
             self.log(f"{component}: converting the graph to fp16 for a strongly typed network")
             self.graphs[(component, fp16)] = convert_file(src, self.scratch / component)

@@ -1,18 +1,21 @@
 """Write a bundle: optimum's ONNX folder layout plus the manifest `sdrt.json`, which is written last.
 
+The stages, for every model family (export/families): load the source; per component, trace it to ONNX
+(trace.py), check the graph against torch (verify.py), and write its CPU graph through `CPU_GRAPH_PASSES`
+(export/passes) and, with --int8, its int8 graph; then the family's other files and the manifest. Building
+TensorRT engines from a bundle is the next stage, `sdrt build` (build.py).
+
 Everything is built in a hidden temp folder beside BUNDLE and renamed into place at the end, so a failed
 or interrupted export leaves no half bundle at BUNDLE.
 """
 from __future__ import annotations
 
 import json
-import warnings
 import shutil
 import sys
 import time
+import warnings
 from pathlib import Path
-
-import numpy as np
 
 from .. import __version__
 from ..errors import ExportFailed, InvalidRequest, OutputNotWritable
@@ -21,9 +24,20 @@ from ..runtime.engines import native_ops
 from ..runtime.fsutil import atomic_write_bytes, fsync_dir, make_temp_dir, relax_permissions, sha256_file
 from ..runtime.manifest import GraphSpec, Manifest, TensorSpec
 from ..runtime.tokenizer import ClipTokenizer, load_tokenizer_files
-from . import cpu_graph, native_graph, trace, verify, winograd
-from . import int8 as int8_mod
-from .source import Source, load_source
+from . import trace, verify
+from .families import ExportFamily, family_for
+from .passes import PassContext, Unsupported, cpu_graph, native_graph, winograd
+from .passes import int8 as int8_mod
+from .source import Source
+
+# The CPU graph (model.cpu.onnx) of a component, for ONNX Runtime on the CPU: its plain graph through these
+# passes, in this order (each a no-op where it does not apply; export/passes).
+CPU_GRAPH_PASSES = (
+    cpu_graph.fused_attention,  # U-Net: retraced with each attention one operator (replaces the model)
+    winograd.convolutions,  # large 3x3 convolutions by Winograd; before sharing, on the trace's own names
+    native_graph.group_norms,  # small U-Nets: GroupNorm (+ SiLU) as sdrt's operators
+    cpu_graph.shared_weights,  # a retraced graph's weights pointed at the plain graph's model.onnx_data
+)
 
 # Prompts on which the runtime tokenizer must give transformers' ids before a bundle is written.
 TOKENIZER_CORPUS = [
@@ -85,35 +99,6 @@ def _prepare_target(out: Path, force: bool) -> None:
         raise OutputNotWritable(f"the folder {str(out.parent)!r} does not exist; create it first")
 
 
-def _write_json(path: Path, data: dict) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n", encoding="utf-8")
-
-
-def _copy_configs(source: Source, tmp: Path, tokenizer: ClipTokenizer) -> None:
-    src = source.path
-    shutil.copy(src / "text_encoder" / "config.json", tmp / names.TEXT_ENCODER / "config.json")
-    shutil.copy(src / "unet" / "config.json", tmp / names.UNET / "config.json")
-    for comp in (names.VAE_DECODER, names.VAE_ENCODER):
-        shutil.copy(src / "vae" / "config.json", tmp / comp / "config.json")
-    if (tmp / names.DEPTH_ESTIMATOR).is_dir():
-        shutil.copy(src / "depth_estimator" / "config.json", tmp / names.DEPTH_ESTIMATOR / "config.json")
-    (tmp / "scheduler").mkdir()
-    shutil.copy(src / "scheduler" / "scheduler_config.json", tmp / "scheduler" / "scheduler_config.json")
-    tok_dir = tmp / "tokenizer"
-    tok_dir.mkdir()
-    for f in (src / "tokenizer").iterdir():
-        if f.is_file() and f.suffix in (".json", ".txt"):
-            shutil.copy(f, tok_dir / f.name)
-    tokenizer.save(tok_dir / "tokenizer.json")
-    scheduler_class = source.model_index.get("scheduler", [None, "PNDMScheduler"])[1]
-    _write_json(tmp / "model_index.json", {
-        "_class_name": "OnnxStableDiffusionPipeline", "_sdrt_version": __version__,
-        **{c: ["diffusers", "OnnxRuntimeModel"] for c in names.COMPONENTS if (tmp / c).is_dir()},
-        "tokenizer": ["transformers", "CLIPTokenizer"], "scheduler": ["diffusers", scheduler_class],
-        "safety_checker": [None, None], "feature_extractor": [None, None], "requires_safety_checker": False})
-
-
 def _versions() -> dict[str, str]:
     import diffusers
     import onnx
@@ -133,24 +118,25 @@ def export_bundle(src: Path, out: Path, height: int | None = None, width: int | 
                   winograd_rule: str = "auto") -> Manifest:
     """src: a diffusers model folder, or a single-file checkpoint (family: sd1, sd2, sd2-v; default detected).
     cpu_graph_policy: "auto", "always" or "never": whether to add the graphs that the ONNX Runtime CPU backend
-    opens instead of the plain ones (export/cpu_graph.py): the U-Net's (fused attention, Winograd convolutions;
+    opens instead of the plain ones (CPU_GRAPH_PASSES): the U-Net's (fused attention, Winograd convolutions;
     "auto" writes it always) and the VAE decoder's (Winograd convolutions; "auto" from 256x256 images up).
-    winograd_rule: which 3x3 convolutions those graphs compute by Winograd (a key of export/winograd.py's
-    RULES). int8: also write the opt-in int8 U-Net (export/int8.py)."""
+    winograd_rule: which 3x3 convolutions those graphs compute by Winograd (a key of export/passes/winograd.py's
+    RULES). int8: also write the opt-in int8 U-Net (export/passes/int8.py)."""
     if cpu_graph_policy not in cpu_graph.POLICIES:
         raise InvalidRequest(f"cpu graph policy {cpu_graph_policy!r} is not one of {', '.join(cpu_graph.POLICIES)}")
     out = Path(out).expanduser().resolve()
     _prepare_target(out, force)
-    source = load_source(Path(src), allow_pickle, family)
+    model_family = family_for(Path(src))
+    source = model_family.load(Path(src), allow_pickle, family)
     try:
-        return _write_bundle(source, out, height, width, force, external_threshold, log,
+        return _write_bundle(model_family, source, out, height, width, force, external_threshold, log,
                              (cpu_graph_policy, winograd_rule), int8)
     finally:
         source.close()  # a single-file checkpoint's temporary config folder
 
 
-def _write_bundle(source: Source, out: Path, height: int | None, width: int | None, force: bool,
-                  external_threshold: int, log, cpu: tuple[str, str] = ("auto", "auto"),
+def _write_bundle(family: ExportFamily, source: Source, out: Path, height: int | None, width: int | None,
+                  force: bool, external_threshold: int, log, cpu: tuple[str, str] = ("auto", "auto"),
                   int8: bool = False) -> Manifest:
     height, width = _default_size(source, height, width)
     tokenizer, pad_id = check_tokenizer(source.path / "tokenizer")
@@ -159,22 +145,22 @@ def _write_bundle(source: Source, out: Path, height: int | None, width: int | No
         graphs, errors, cpu_graphs, int8_graphs = {}, {}, {}, {}
         ids = tokenizer(["a photo of a cat"])  # (1, 77): the text encoder's check input
         scale = 2 ** (len(source.vae.config.block_out_channels) - 1)  # image pixels per latent pixel
-        for comp, traced in trace.components(source).items():
-            module, inputs, in_names, out_names, axes = traced
+        for comp, traced in family.components(source).items():
             started = time.perf_counter()
             want_cpu = cpu_graph.wanted(cpu[0], comp, height, width, scale)
-            path = trace.export_onnx(module, inputs, in_names, out_names, axes, tmp / comp, external_threshold,
+            path = trace.export_onnx(traced.module, traced.inputs, traced.input_names, traced.output_names,
+                                     traced.dynamic_axes, tmp / comp, external_threshold,
                                      lora_targets=comp in names.LORA_COMPONENTS,
                                      external=want_cpu and comp == names.VAE_DECODER)  # shared with its CPU graph
-            feeds = verify.check_inputs(source, comp, height, width, ids)
-            with winograd.recording_conv_sizes(module) as conv_sizes:  # for the CPU graphs' Winograd rule
-                expected = verify.expected_outputs(source, comp, module, feeds, ids)
+            feeds = family.check_inputs(source, comp, height, width, ids)
+            with winograd.recording_conv_sizes(traced.module) as conv_sizes:  # for the CPU graphs' Winograd rule
+                expected = family.expected_outputs(source, comp, traced, feeds, ids)
             errors[comp] = verify.verify(comp, expected, path, feeds)
             graphs[comp] = graph_spec(path, f"{comp}/{names.MODEL_FILE}")
             log(f"{comp}: exported and checked in {time.perf_counter() - started:.1f}s "
                 f"(relative error vs torch {errors[comp]:.2e})")
             if want_cpu:
-                fast = _write_cpu_graph(comp, traced, path, conv_sizes, cpu[1], log)
+                fast = _write_cpu_graph(PassContext(comp, path, traced, conv_sizes, cpu[1]), log)
                 if fast is not None:
                     errors.update(_verify_cpu_graph(comp, expected, fast, feeds))
                     cpu_graphs[comp] = f"{comp}/{names.CPU_MODEL_FILE}"
@@ -184,8 +170,7 @@ def _write_bundle(source: Source, out: Path, height: int | None, width: int | No
                 errors[f"{comp} ({names.INT8_MODEL_FILE})"] = verify.verify(comp, expected, quantized, feeds,
                                                                           limit=int8_mod.INT8_ERROR_LIMIT)
                 int8_graphs[comp] = f"{comp}/{names.INT8_MODEL_FILE}"
-        np.save(tmp / names.TEXT_ENCODER / names.TOKEN_EMBEDDINGS_FILE, verify.token_embeddings(source))
-        _copy_configs(source, tmp, tokenizer)
+        family.write_files(source, tmp, tokenizer)
         relax_permissions(tmp)
         files = {p.relative_to(tmp).as_posix(): sha256_file(p) for p in sorted(tmp.rglob("*")) if p.is_file()}
         vae, unet, te = source.vae.config, source.unet.config, source.text_encoder.config
@@ -197,7 +182,7 @@ def _write_bundle(source: Source, out: Path, height: int | None, width: int | No
             tokenizer_max_length=tokenizer.max_length, tokenizer_pad_id=pad_id, files=files,
             token_embeddings=f"{names.TEXT_ENCODER}/{names.TOKEN_EMBEDDINGS_FILE}",
             source_hash=source.hash, cpu_graphs=cpu_graphs, int8_graphs=int8_graphs,
-            versions=_versions())
+            versions=_versions(), family=family.name, family_settings=family.settings(source))
         data = manifest.to_json()
         data["verification"] = {"metric": "relative L2 error vs torch", "limit": verify.RELATIVE_ERROR_LIMIT,
                                 "errors": errors}
@@ -213,15 +198,35 @@ def _write_bundle(source: Source, out: Path, height: int | None, width: int | No
     return manifest
 
 
-def _write_cpu_graph(comp: str, traced, path: Path, conv_sizes: dict, rule: str, log) -> Path | None:
-    """The U-Net's CPU graph (fused attention, Winograd) or the VAE decoder's (Winograd); see cpu_graph.py."""
-    if comp == names.UNET:
-        return cpu_graph.write_cpu_graph(*traced, path, conv_sizes, log, rule)
-    return cpu_graph.write_winograd_graph(path, conv_sizes, comp, log, rule)
+def _write_cpu_graph(ctx: PassContext, log) -> Path | None:
+    """model.cpu.onnx beside the plain graph: CPU_GRAPH_PASSES over it. None when no pass rewrote anything (a VAE
+    decoder without a convolution Winograd takes) or one could not rewrite the model exactly."""
+    import onnx
+
+    model = onnx.load(str(ctx.plain_graph), load_external_data=False)  # weights stay in its model.onnx_data
+    try:
+        for graph_pass in CPU_GRAPH_PASSES:
+            model = graph_pass(model, ctx)
+    except Unsupported as e:
+        log(f"{ctx.component}: no fused-attention graph ({e}); the CPU backend uses the plain graph")
+        return None
+    if not ctx.retraced and not any(ctx.counts.values()):
+        return None
+    target = ctx.plain_graph.parent / names.CPU_MODEL_FILE
+    onnx.save_model(model, str(target))
+    n = ctx.counts
+    if ctx.retraced:
+        log(f"{ctx.component}: {n.get('attention', 0)} attention layers fused ({n.get('native attention', 0)} as "
+            f"sdrt's kernel), {n.get('group norms', 0)} group norms as sdrt's kernel and {n.get('winograd', 0)} "
+            f"convolutions in Winograd form for ONNX Runtime on the CPU ({names.CPU_MODEL_FILE})")
+    else:
+        log(f"{ctx.component}: {n.get('winograd', 0)} convolutions in Winograd form for ONNX Runtime on the CPU "
+            f"({names.CPU_MODEL_FILE})")
+    return target
 
 
 def _verify_cpu_graph(comp: str, expected: list, path: Path, feeds: dict) -> dict[str, float]:
-    """The CPU graph's error on ONNX Runtime's operators and, where it uses sdrt's (export/native_graph.py) and
+    """The CPU graph's error on ONNX Runtime's operators and, where it uses sdrt's (export/passes/native_graph.py) and
     this machine has them (runtime/engines/native_ops.py), on those too: a bundle runs either way."""
     import onnx
 

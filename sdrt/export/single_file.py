@@ -33,7 +33,7 @@ from ..errors import InvalidRequest, NotAModelFolder, PickleRefused, SourceError
 from ..runtime.fsutil import sha256_file
 from .single_file_shapes import (CLIP, CLIP_MODEL, OPENCLIP, UNET, VAE, indices, layout_error, text_config,
                                  unet_config, vae_config)
-from .source import PICKLE_SUFFIXES, Source, _check_finite
+from .source import PICKLE_SUFFIXES, Source, check_finite
 
 CONFIGS = Path(__file__).parent / "single_file_configs"
 VOCAB = Path(__file__).parent / "clip_tokenizer"
@@ -336,7 +336,7 @@ def _load_components(ck: _Checkpoint, text: str, folder: Path):
             empty = [n for n, t in model.state_dict().items() if t.is_meta]
             if empty:
                 raise layout_error(ck, f"diffusers' loader left {len(empty)} {name} weights empty (e.g. {empty[0]})")
-            _check_finite(name, model)
+            check_finite(name, model)
             modules[name] = model.eval()
     finally:
         diffusers_logging.set_verbosity(verbosity)

@@ -7,7 +7,6 @@ VAE_DECODER = "vae_decoder"
 VAE_ENCODER = "vae_encoder"
 DEPTH_ESTIMATOR = "depth_estimator"  # only for depth2img models whose source folder carries one (DPT)
 COMPONENTS = (TEXT_ENCODER, UNET, VAE_DECODER, VAE_ENCODER, DEPTH_ESTIMATOR)
-REQUIRED_COMPONENTS = (TEXT_ENCODER, UNET, VAE_DECODER)
 
 # text_encoder, as sdrt exports it: inputs_embeds (B, T, D) token embeddings (looked up by the runtime, so
 # textual-inversion vectors need no re-export) -> last_hidden_state (B, T, D), hidden_states (B, L+1, T, D): the
@@ -37,7 +36,7 @@ PREDICTED_DEPTH = "predicted_depth"
 
 MODEL_FILE = "model.onnx"
 EXTERNAL_DATA_FILE = "model.onnx_data"
-INT8_MODEL_FILE = "model.int8.onnx"  # beside the U-Net's graph: its MatMuls in int8, opt-in (export/int8.py)
+INT8_MODEL_FILE = "model.int8.onnx"  # beside the U-Net's graph: its MatMuls in int8, opt-in (export/passes/int8.py)
 CPU_MODEL_FILE = "model.cpu.onnx"  # beside the U-Net's and VAE decoder's graphs: for ONNX Runtime CPU (cpu_graph.py)
 MANIFEST_FILE = "sdrt.json"
 LORA_MAP_FILE = "lora_map.json"  # beside the U-Net's and text encoder's graphs: where LoRA-targetable weights live

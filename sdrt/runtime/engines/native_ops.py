@@ -3,7 +3,7 @@ compiler, cached, and registered in every CPU session.
 
 Why compile here: the library is built for the CPU it runs on (-march=native: AVX-512 where there is AVX-512),
 and a wheel per CPU and platform is more than these few hundred lines are worth. Why it is optional: every
-operator it provides is also an ONNX function in the graph (export/cpu_graph.py), so without a compiler, or with
+operator it provides is also an ONNX function in the graph (export/passes/cpu_graph.py), so without a compiler, or with
 SDRT_NATIVE_OPS=0, the same graph runs on ONNX Runtime's own operators, slower and otherwise the same.
 
 The cache key covers the sources, the compiler and its version, the flags and what -march=native means on this

@@ -40,7 +40,7 @@ class OrtEngine(Engine):
         """overrides: initializer name -> replacement value (LoRA-patched weights). ONNX Runtime (1.32) builds
         what it precomputes from a weight out of the graph file's copy and misses an override: the NCHWc layout
         pass (convolution weights, reordered) and constant folding (the CPU graph's Winograd transforms of 3x3
-        convolution weights, export/winograd.py). So a patched convolution turns off the first, a patched 3x3
+        convolution weights, export/passes/winograd.py). So a patched convolution turns off the first, a patched 3x3
         convolution also the second; the transforms are then computed on every call (a few % of a U-Net call)."""
         import onnxruntime as ort
 

@@ -9,7 +9,6 @@ from __future__ import annotations
 from pathlib import Path
 
 from ...errors import EngineNotBuilt, InvalidRequest, SdrtError
-from .. import names
 from . import cuda
 from .store import DEFAULT_ROOT, EngineIdentity, EngineStore, find_store, onnx_digests
 from ..manifest import Manifest

@@ -11,9 +11,9 @@ read the same). The exporter's side of a family (components, tracing, check inpu
 Imports: this package imports only sdrt.runtime.names and numpy, so the manifest and the engines may ask it
 for shapes; what the conditioning needs of the pipeline (the text encoder, the request) is passed in.
 """
-from .base import Family, family_of, register, registered
+from .base import Family, family_of, register, registered, unregister
 from .sd import SD
 
 register(SD())
 
-__all__ = ["Family", "SD", "family_of", "register", "registered"]
+__all__ = ["Family", "SD", "family_of", "register", "registered", "unregister"]

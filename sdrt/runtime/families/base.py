@@ -42,6 +42,10 @@ def register(family: Family) -> Family:
     return family
 
 
+def unregister(name: str) -> None:
+    _FAMILIES.pop(name, None)
+
+
 def registered() -> tuple[str, ...]:
     return tuple(_FAMILIES)
 

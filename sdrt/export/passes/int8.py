@@ -21,7 +21,7 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
-from ..runtime import names
+from ...runtime import names
 
 WEIGHT_RANGE = (-64, 64)  # reduce_range, symmetric: every u8 x s8 pair sum fits in 16 bits, on every x86-64 kernel
 INT8_ERROR_LIMIT = 0.05  # relative L2 vs torch; fp32 graphs must stay under verify.RELATIVE_ERROR_LIMIT (1e-3)
@@ -36,7 +36,7 @@ def quantize_matmuls(source_graph: Path, target: Path, *, weight_type: str = "QI
 
     from .winograd import MARK
 
-    # Winograd's weight transforms (export/winograd.py) are MatMuls on weights too, folded at load: left fp32
+    # Winograd's weight transforms (export/passes/winograd.py) are MatMuls on weights too, folded at load: left fp32
     graph = onnx.load(str(source_graph), load_external_data=False).graph
     keep_fp32 = [node.name for node in graph.node if MARK in node.name]
     logging.disable(logging.WARNING)  # its advice to run its pre-processing script goes to the root logger

@@ -13,6 +13,9 @@ computed before the rewrite.
 """
 from __future__ import annotations
 
+from ...runtime import names
+from ...runtime.engines.ort import OrtEngine, weight_bytes
+
 DOMAIN = "ai.sdrt"
 OPSET = 17  # the body's standard operators (the exporter's opset, trace.OPSET)
 
@@ -102,6 +105,14 @@ def fuse_group_norms(model) -> int:
     graph.node.extend(_live(nodes, {o.name for o in graph.output}))
     add_functions(model)
     return len(before)
+
+
+def group_norms(model, ctx):
+    """The pass (a PassContext): `fuse_group_norms` in a U-Net that ONNX Runtime runs on one thread per call,
+    where sdrt's single-threaded kernel pays (OrtEngine's own test of a small model); others pass through."""
+    if ctx.component == names.UNET and weight_bytes(ctx.plain_graph) <= OrtEngine.SPLIT_MAX_WEIGHT_BYTES:
+        ctx.counts["group norms"] = fuse_group_norms(model)
+    return model
 
 
 def _group_norm_at(norm, producer, consumers, constants, sole):

@@ -133,3 +133,9 @@ def _replacement(node, co: int, c: int) -> tuple[list, dict[str, np.ndarray]]:
     nodes.append(helper.make_node("Slice", [y, "wino/zeros2", hw, "wino/spatial"], list(node.output),
                                   name=f"{p}/crop"))  # (B, CO, H, W)
     return nodes, consts
+
+
+def convolutions(model, ctx):
+    """The pass (a PassContext): `rewrite` at the bundle's default size, by the export's rule."""
+    ctx.counts["winograd"] = rewrite(model, ctx.conv_sizes, ctx.winograd_rule)
+    return model

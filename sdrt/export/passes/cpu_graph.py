@@ -1,5 +1,5 @@
 """The U-Net's ONNX Runtime CPU graph: every attention one com.microsoft MultiHeadAttention node, and the
-large 3x3 convolutions computed by Winograd's F(4x4, 3x3) (export/winograd.py).
+large 3x3 convolutions computed by Winograd's F(4x4, 3x3) (export/passes/winograd.py).
 
 Why: the plain graph computes attention as MatMul, Softmax, MatMul, so at 512x512 each self-attention over
 4096 latent tokens writes and rereads a (2, 8, 4096, 4096) float32 score tensor (1 GiB). ONNX Runtime's
@@ -13,7 +13,7 @@ operator, ai.sdrt Attention, with an ONNX function body that is the com.microsof
 sdrt's kernel where runtime/engines/native_ops.py could build it, and the function where it could not. ONNX Runtime's
 kernel spends most of its time around the thin products of such heads (benchmarks/NOTES.md, section 10).
 In a U-Net that ONNX Runtime runs on one thread per call (a small model), torch's group_norm patterns become
-sdrt's GroupNorm and GroupNorm+SiLU operators the same way (export/native_graph.py).
+sdrt's GroupNorm and GroupNorm+SiLU operators the same way (export/passes/native_graph.py).
 
 How: the U-Net is traced a second time with an attention processor whose core exports as that operator
 (the projections stay ordinary layers). The new graph holds no weights of its own: each initializer is
@@ -36,9 +36,10 @@ import tempfile
 import warnings
 from pathlib import Path
 
-from ..runtime import names
-from ..runtime.engines.ort import OrtEngine, weight_bytes
-from . import native_graph, trace, winograd
+from ...runtime import names
+from .. import trace
+from . import native_graph
+from .context import PassContext, Unsupported
 
 POLICIES = ("auto", "always", "never")  # whether the export writes this graph
 AUTO_MIN_TOKENS = 1024  # latent pixels (H/8 * W/8) at the default size from which "auto" writes the VAE's graph
@@ -49,10 +50,6 @@ MAX_UNMATCHED_BYTES = 1 << 16  # the new graph may add small constants, never a 
 # benchmarks/NOTES.md, section 10).
 NATIVE_MAX_HEAD_SIZE = 20
 NATIVE_MAX_SCORES = 1 << 17
-
-
-class Unsupported(Exception):
-    """An attention layer this processor does not reproduce exactly; the plain graph is used instead."""
 
 
 def wanted(policy: str, component: str, height: int, width: int, scale: int = 8) -> bool:
@@ -183,45 +180,23 @@ def _share_weights(model, plain: dict) -> None:
     _rename(model, renames)
 
 
-def write_cpu_graph(module, inputs, in_names, out_names, axes, plain_graph: Path, conv_sizes: dict, log=print,
-                    winograd_rule: str = "auto") -> Path | None:
-    """Write model.cpu.onnx beside plain_graph (sharing its model.onnx_data); None when the model has an
-    attention this processor can't reproduce (the CPU backend then opens the plain graph). conv_sizes: each
-    convolution's input size at the bundle's default size (winograd.recording_conv_sizes)."""
-    import onnx
-
-    try:
-        with tempfile.TemporaryDirectory(dir=plain_graph.parent.parent) as scratch:
-            model = _trace(module, inputs, in_names, out_names, axes, Path(scratch))
-        convs = winograd.rewrite(model, conv_sizes, winograd_rule)  # before sharing: the trace's own weight names
-        # sdrt's single-threaded norm kernel only where ONNX Runtime runs the U-Net on one thread per call
-        one_thread = weight_bytes(plain_graph) <= OrtEngine.SPLIT_MAX_WEIGHT_BYTES  # OrtEngine's own test
-        norms = native_graph.fuse_group_norms(model) if one_thread else 0
-        _share_weights(model, _plain_weights(plain_graph))
-    except Unsupported as e:
-        log(f"unet: no fused-attention graph ({e}); the CPU backend uses the plain graph")
-        return None
-    target = plain_graph.parent / names.CPU_MODEL_FILE
-    onnx.save_model(model, str(target))
-    count = sum(1 for n in model.graph.node if n.op_type in ("MultiHeadAttention", "Attention"))
-    native = sum(1 for n in model.graph.node if n.domain == native_graph.DOMAIN and n.op_type == "Attention")
-    log(f"unet: {count} attention layers fused ({native} as sdrt's kernel), {norms} group norms as sdrt's kernel "
-        f"and {convs} convolutions in Winograd form for ONNX Runtime on the CPU ({names.CPU_MODEL_FILE})")
-    return target
+def fused_attention(model, ctx: PassContext):
+    """The pass: the U-Net traced again with each attention one operator (other components pass through).
+    `model` is replaced: the new trace is the rewrite; its weights are copies until `shared_weights`."""
+    if ctx.component != names.UNET:
+        return model
+    t = ctx.traced
+    with tempfile.TemporaryDirectory(dir=ctx.plain_graph.parent.parent) as scratch:
+        model = _trace(t.module, t.inputs, t.input_names, t.output_names, t.dynamic_axes, Path(scratch))
+    ctx.retraced = True
+    ctx.counts["attention"] = sum(1 for n in model.graph.node if n.op_type in ("MultiHeadAttention", "Attention"))
+    ctx.counts["native attention"] = sum(1 for n in model.graph.node
+                                         if n.domain == native_graph.DOMAIN and n.op_type == "Attention")
+    return model
 
 
-
-def write_winograd_graph(plain_graph: Path, conv_sizes: dict, comp: str, log=print,
-                         winograd_rule: str = "auto") -> Path | None:
-    """model.cpu.onnx beside plain_graph: the same graph with its large 3x3 convolutions in Winograd form (the VAE
-    decoder's), reading the same model.onnx_data; None when no convolution qualifies."""
-    import onnx
-
-    model = onnx.load(str(plain_graph), load_external_data=False)
-    convs = winograd.rewrite(model, conv_sizes, winograd_rule)
-    if not convs:
-        return None
-    target = plain_graph.parent / names.CPU_MODEL_FILE
-    onnx.save_model(model, str(target))
-    log(f"{comp}: {convs} convolutions in Winograd form for ONNX Runtime on the CPU ({names.CPU_MODEL_FILE})")
-    return target
+def shared_weights(model, ctx: PassContext):
+    """The pass: a retraced model's initializers pointed at the plain graph's model.onnx_data (no copies)."""
+    if ctx.retraced:
+        _share_weights(model, _plain_weights(ctx.plain_graph))
+    return model
