@@ -1,6 +1,10 @@
-"""The torch side: load a diffusers checkpoint, trace it to ONNX, verify against torch, write a bundle.
+"""The torch side: load a checkpoint, trace it to ONNX, check each graph against torch, write a bundle; and
+build TensorRT engines from a bundle (`build`).
 
 The only part of sdrt that imports torch, diffusers, transformers or onnx (install the `export` extra).
+Imports point one way: sdrt.export uses sdrt.runtime (graph names, the manifest it writes, the engine's rules),
+sdrt.runtime never imports sdrt.export. `bundle` runs the stages; `families/` says what each model family's
+components are; `passes/` rewrites exported graphs.
 """
 from .bundle import export_bundle
 

@@ -77,11 +77,11 @@ def check_sizes(sizes, scale: int) -> list[tuple[int, int]]:
 
 
 def default_sizes(manifest: Manifest) -> list[tuple[int, int]]:
-    """The bundle's default image size: what `sdrt generate` uses without --height/--width. That is the
-    model's native size: 512 for SD 1.x, 768 for the v-prediction SD 2.x models (and 512 for SD 2.x base)."""
+    """The bundle's default image size: what `sdrt generate` uses without --height/--width; the model family's
+    native size for a manifest that records none."""
     if manifest.default_height and manifest.default_width:
         return [(manifest.default_height, manifest.default_width)]
-    return [(768, 768)] if manifest.prediction_type == "v_prediction" else [(512, 512)]
+    return [manifest.model_family.native_size(manifest)]
 
 
 def _inputs(manifest: Manifest, component: str) -> dict[str, tuple]:

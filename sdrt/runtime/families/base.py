@@ -31,6 +31,10 @@ class Family:
         at `height` x `width` pixels with `tokens` text tokens (TensorRT builds one engine per such shape)."""
         raise NotImplementedError
 
+    def native_size(self, manifest: "Manifest") -> tuple[int, int]:
+        """(height, width) the family's models are trained at, for a manifest that records no default size."""
+        raise NotImplementedError
+
     def default_inputs(self, component: str) -> dict[str, tuple]:
         """Input name -> shape (strings for dynamic dims) of a graph whose manifest lists none (optimum's)."""
         raise NotImplementedError

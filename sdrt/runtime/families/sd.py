@@ -46,6 +46,10 @@ class SD(Family):
             want[names.SAMPLE] = (rows, 3, height, width)  # the VAE encoder's image
         return want
 
+    def native_size(self, manifest):
+        """512 for SD 1.x, 768 for the v-prediction SD 2.x models (and 512 for SD 2.x base)."""
+        return (768, 768) if manifest.prediction_type == "v_prediction" else (512, 512)
+
     def default_inputs(self, component):
         return {names.TEXT_ENCODER: {names.INPUT_IDS: ("batch", "sequence")},
                 names.UNET: {names.SAMPLE: ("batch", "c", "h", "w"), names.TIMESTEP: ("batch",),

@@ -1,4 +1,9 @@
-"""Samplers by name: sdrt's names, AUTOMATIC1111's labels and diffusers' class names all resolve here."""
+"""Samplers by name: sdrt's names, AUTOMATIC1111's labels and diffusers' class names all resolve here.
+
+One sampler per module, each with the `step()` contract of base.Sampler and its reference named at its top;
+schedule.py builds the noise schedules they share, fmath.py the correctly rounded scalar math. Pure numpy:
+the pipeline imports this package, and it imports nothing of the pipeline's.
+"""
 from __future__ import annotations
 
 from numbers import Real
