@@ -1,5 +1,6 @@
-"""One 3x3 convolution, direct (ONNX Runtime's Conv) against its Winograd F(4x4, 3x3) form (sdrt/export/passes/winograd.py),
-interleaved, by channel count and feature-map size: the measurements behind winograd.RULES["auto"].
+"""One 3x3 convolution, direct (ONNX Runtime's Conv) against its Winograd F(4x4, 3x3) form
+(sdrt/export/passes/winograd.py), interleaved, by channel count and feature-map size: the measurements behind
+winograd.RULES["auto"].
 
     python benchmarks/winograd_conv.py --json benchmarks/results/winograd_conv.json
 """

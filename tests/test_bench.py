@@ -22,7 +22,7 @@ def test_structure_and_positive_timings(result):
     c = result["config"]
     assert (c["steps"], c["model_calls"], c["runs"], c["warmup"], c["batch"], c["unet_batch"]) == (2, 2, 2, 1, 1, 2)
     assert c["backend"] == "onnxruntime-cpu" and c["threads"] >= 1
-    assert c["native_ops"] is True  # this machine has a C++ compiler: sdrt's kernels run (runtime/engines/native_ops.py)
+    assert c["native_ops"] is True  # a C++ compiler here: sdrt's kernels run (runtime/engines/native_ops.py)
     assert (c["width"], c["height"]) == (64, 64)
     assert [key for key, _, _ in STAGES] == list(result["stages"])
     per_step = {"unet_step": 4, "sampler_step": 4}  # steps x runs; the others: one sample per run

@@ -1,7 +1,7 @@
-"""sdrt's own CPU operators (runtime/engines/native_ops.py, runtime/engines/native/, export/passes/native_graph.py): each kernel against
-a float64 numpy reference, the graph's function fallback against the kernel, the group-norm rewrite, and the
-build cache's failure modes. The SD1 test bundle's U-Net uses both kernels (head size 8, a small model), so
-every SD1 parity test runs through them too."""
+"""sdrt's own CPU operators (runtime/engines/native_ops.py, runtime/engines/native/, export/passes/native_graph.py):
+each kernel against a float64 numpy reference, the graph's function fallback against the kernel, the group-norm
+rewrite, and the build cache's failure modes. The SD1 test bundle's U-Net uses both kernels (head size 8, a small
+model), so every SD1 parity test runs through them too."""
 from __future__ import annotations
 
 import json

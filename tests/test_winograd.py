@@ -1,7 +1,7 @@
-"""Winograd F(4x4, 3x3) convolutions (sdrt/export/passes/winograd.py) against ONNX Runtime's direct Conv: any feature-map
-size, the bias, overrides of the weight (LoRA) reaching the folded transform, and the nodes it leaves alone.
-The SD1 test bundle's CPU graph has every eligible convolution in this form (conftest), so the parity, LoRA and
-int8 tests run through it too."""
+"""Winograd F(4x4, 3x3) convolutions (sdrt/export/passes/winograd.py) against ONNX Runtime's direct Conv: any
+feature-map size, the bias, overrides of the weight (LoRA) reaching the folded transform, and the nodes it leaves
+alone. The SD1 test bundle's CPU graph has every eligible convolution in this form (conftest), so the parity, LoRA
+and int8 tests run through it too."""
 from __future__ import annotations
 
 import numpy as np
