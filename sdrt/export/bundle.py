@@ -173,16 +173,11 @@ def _write_bundle(family: ExportFamily, source: Source, out: Path, height: int |
         family.write_files(source, tmp, tokenizer)
         relax_permissions(tmp)
         files = {p.relative_to(tmp).as_posix(): sha256_file(p) for p in sorted(tmp.rglob("*")) if p.is_file()}
-        vae, unet, te = source.vae.config, source.unet.config, source.text_encoder.config
         manifest = Manifest(
-            graphs=graphs, latent_channels=vae.latent_channels, unet_in_channels=unet.in_channels,
-            vae_scaling_factor=float(vae.scaling_factor), vae_scale_factor=2 ** (len(vae.block_out_channels) - 1),
-            prediction_type=source.scheduler_config.get("prediction_type", "epsilon"),
-            default_height=height, default_width=width, text_hidden_size=te.hidden_size,
-            tokenizer_max_length=tokenizer.max_length, tokenizer_pad_id=pad_id, files=files,
-            token_embeddings=f"{names.TEXT_ENCODER}/{names.TOKEN_EMBEDDINGS_FILE}",
-            source_hash=source.hash, cpu_graphs=cpu_graphs, int8_graphs=int8_graphs,
-            versions=_versions(), family=family.name, family_settings=family.settings(source))
+            graphs=graphs, default_height=height, default_width=width, files=files, source_hash=source.hash,
+            cpu_graphs=cpu_graphs, int8_graphs=int8_graphs, versions=_versions(),
+            **family.manifest_fields(source, tokenizer, pad_id), family=family.name,
+            family_settings=family.settings(source))
         data = manifest.to_json()
         data["verification"] = {"metric": "relative L2 error vs torch", "limit": verify.RELATIVE_ERROR_LIMIT,
                                 "errors": errors}

@@ -48,6 +48,11 @@ class ExportFamily:
         """What torch gives on `feeds`: the reference the graph must match."""
         raise NotImplementedError
 
+    def manifest_fields(self, source, tokenizer, pad_id: int) -> dict:
+        """The manifest's model fields (runtime.manifest.Manifest's latent_channels ... token_embeddings) from
+        the source's configs; the exporter adds the graphs, files, hashes and versions."""
+        raise NotImplementedError
+
     def write_files(self, source, folder: Path, tokenizer) -> None:
         """Everything of the bundle but its graphs and manifest (configs, tokenizer files, lookup tables)."""
         raise NotImplementedError

@@ -107,6 +107,15 @@ class SD(ExportFamily):
             out = traced.module(*(torch.from_numpy(v) for v in feeds.values()))
         return [t.numpy() for t in (out if isinstance(out, tuple) else (out,))]
 
+    def manifest_fields(self, source, tokenizer, pad_id):
+        vae, unet, te = source.vae.config, source.unet.config, source.text_encoder.config
+        return {"latent_channels": vae.latent_channels, "unet_in_channels": unet.in_channels,
+                "vae_scaling_factor": float(vae.scaling_factor),
+                "vae_scale_factor": 2 ** (len(vae.block_out_channels) - 1),
+                "prediction_type": source.scheduler_config.get("prediction_type", "epsilon"),
+                "text_hidden_size": te.hidden_size, "tokenizer_max_length": tokenizer.max_length,
+                "tokenizer_pad_id": pad_id, "token_embeddings": f"{names.TEXT_ENCODER}/{names.TOKEN_EMBEDDINGS_FILE}"}
+
     def write_files(self, source, tmp: Path, tokenizer) -> None:
         """Beside the graphs: the text encoder's token-embedding table, the configs in optimum's layout, the
         tokenizer, and model_index.json."""

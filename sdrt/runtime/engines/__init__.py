@@ -23,7 +23,7 @@ from .. import names
 from ..manifest import Manifest
 from .base import Engine
 from .ort import OrtEngine
-from .trt_backend import BACKENDS, choose_backend
+from .trt_backend import BACKENDS, choose_backend, load_tensorrt_engines
 
 __all__ = ["BACKENDS", "Engine", "OpenEngines", "OrtEngine", "check_io", "open_engines", "open_onnx"]
 
@@ -46,8 +46,6 @@ def open_engines(bundle: Path, manifest: Manifest, backend: str = "auto", engine
         backend = "onnxruntime"
     backend, session = choose_backend(backend, bundle, manifest, engines), None
     if backend == "tensorrt":
-        from .trt_backend import load_tensorrt_engines
-
         opened, session = load_tensorrt_engines(bundle, manifest, engines)
     else:
         chosen = {**manifest.cpu_graphs, **(manifest.int8_graphs if int8 else {})}
