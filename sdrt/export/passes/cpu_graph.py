@@ -10,8 +10,8 @@ stays the bundle's graph (TensorRT and the CUDA provider build from it) and this
 
 Small attentions (head size up to NATIVE_MAX_HEAD_SIZE, a modest score matrix) are written as sdrt's own
 operator, ai.sdrt Attention, with an ONNX function body that is the com.microsoft operator: ONNX Runtime runs
-sdrt's kernel where runtime/engines/native_ops.py could build it, and the function where it could not. ONNX Runtime's
-kernel spends most of its time around the thin products of such heads (benchmarks/NOTES.md, section 10).
+sdrt's kernel where runtime/engines/native_ops.py could build it, and the function where it could not. ONNX
+Runtime's kernel spends most of its time around the thin products of such heads (benchmarks/NOTES.md, section 10).
 In a U-Net that ONNX Runtime runs on one thread per call (a small model), torch's group_norm patterns become
 sdrt's GroupNorm and GroupNorm+SiLU operators the same way (export/passes/native_graph.py).
 
@@ -44,8 +44,8 @@ from .context import PassContext, Unsupported
 POLICIES = ("auto", "always", "never")  # whether the export writes this graph
 AUTO_MIN_TOKENS = 1024  # latent pixels (H/8 * W/8) at the default size from which "auto" writes the VAE's graph
 MAX_UNMATCHED_BYTES = 1 << 16  # the new graph may add small constants, never a copy of a weight
-# sdrt's own attention kernel (runtime/engines/native/attention.h) takes an attention whose head size and score matrix
-# (queries x keys, at the bundle's default size) are at most these; ONNX Runtime's is faster on larger ones
+# sdrt's own attention kernel (runtime/engines/native/attention.h) takes an attention whose head size and score
+# matrix (queries x keys, at the bundle's default size) are at most these; ONNX Runtime's is faster on larger ones
 # (1 thread: head size 10 at 1024 x 77 0.39x its time, 20 at 256 x 256 1.06x, 20 at 1024 x 1024 1.3x;
 # benchmarks/NOTES.md, section 10).
 NATIVE_MAX_HEAD_SIZE = 20
