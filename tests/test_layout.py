@@ -82,9 +82,9 @@ def test_imports_point_one_way():
                        "sdrt.runtime.families", "sdrt.errors", "sdrt")
             assert all(any(_within(d, a) if a != "sdrt" else d == "sdrt" for a in allowed) for d in deps), \
                 (module, deps)
-        if _within(module, "sdrt.runtime.families"):
-            assert all(d in ("sdrt.runtime.names", "sdrt.errors") or _within(d, "sdrt.runtime.families")
-                       for d in deps), (module, deps)
+        if _within(module, "sdrt.runtime.families"):  # descriptions: names, and the text side they open
+            assert all(d in ("sdrt.runtime.names", "sdrt.errors", "sdrt.runtime.text", "sdrt.runtime.tokenizer")
+                       or _within(d, "sdrt.runtime.families") for d in deps), (module, deps)
 
 
 def test_the_numpy_side_asks_the_engines_package_for_engines():

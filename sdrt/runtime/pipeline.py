@@ -12,7 +12,7 @@ from typing import Callable
 import numpy as np
 
 from .. import __version__, embedded
-from ..errors import BundleCorrupt, BundleNotFound, InvalidRequest, NonFiniteOutput
+from ..errors import BundleNotFound, InvalidRequest, NonFiniteOutput
 from . import lora, names, request
 from . import watermark as _watermark
 from .embeddings import load_embedding
@@ -23,7 +23,6 @@ from .manifest import Manifest, load_manifest, read_json
 from .modes import ImageModes
 from .samplers import Sampler, SchedulerConfig, make_sampler
 from .text import TextEncoder, TextOptions
-from .tokenizer import ClipTokenizer
 
 Progress = Callable[[int, int], None]
 
@@ -56,14 +55,12 @@ class Pipeline(ImageModes):
         path = Path(embedded.BUNDLE if path is None else path).expanduser()
         manifest = load_manifest(path)
         opened = open_engines(path, manifest, backend, engines, threads, int8)
-        tokenizer = ClipTokenizer.from_folder(path / "tokenizer", manifest.tokenizer_max_length,
-                                              manifest.tokenizer_pad_id)
-        table = _token_embeddings(path, manifest) if manifest.token_embeddings else None
+        text = manifest.model_family.open_text(path, manifest, opened.engines)  # tokenizer, lookup table
         sched_file = path / "scheduler" / "scheduler_config.json"
         sched = read_json(sched_file) if sched_file.exists() else {}
         sched["prediction_type"] = manifest.prediction_type
         SchedulerConfig.from_dict(sched)  # refuse an unusable config at load, not at the first request
-        pipe = cls(path, manifest, opened.engines, TextEncoder(opened.engines, tokenizer, table), sched, threads)
+        pipe = cls(path, manifest, opened.engines, text, sched, threads)
         pipe.backend, pipe.trt_session = opened.backend, opened.session  # the session owns the device memory
         pipe.int8 = int8
         return pipe
@@ -271,19 +268,6 @@ def _lora_item(item) -> Lora:
     if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not np.isfinite(weight):
         raise InvalidRequest(f"LoRA {str(path)!r} has weight {weight!r}; give a finite number such as 0.8")
     return Lora(Path(path).expanduser(), float(weight))
-
-
-def _token_embeddings(path: Path, manifest: Manifest) -> np.ndarray:
-    """The (vocab, D) lookup table, memory-mapped (hashed with the rest of the bundle at load)."""
-    table_path = path / manifest.token_embeddings
-    try:
-        table = np.load(table_path, mmap_mode="r", allow_pickle=False)
-    except (OSError, ValueError) as e:
-        raise BundleCorrupt(f"{str(table_path)!r} is not a readable numpy array ({e}); re-export the bundle") from None
-    if table.ndim != 2 or table.shape[1] != manifest.text_hidden_size:
-        raise BundleCorrupt(f"{str(table_path)!r} has shape {table.shape}, expected (vocab, "
-                            f"{manifest.text_hidden_size}); re-export the bundle")
-    return table
 
 
 def _finite(x: np.ndarray, stage: str, step: int | None = None) -> np.ndarray:

@@ -8,10 +8,11 @@ The text encoder graph sdrt exports takes token embeddings, not ids, so the look
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 
-from ..errors import InvalidRequest
+from ..errors import BundleCorrupt, InvalidRequest
 from . import names
 from .engines.base import Engine
 from .lora import parse_tags
@@ -81,3 +82,16 @@ class TextEncoder:
         if clip_skip == 1:
             return out[names.LAST_HIDDEN_STATE].astype(np.float32)
         return out[names.HIDDEN_STATES][:, -clip_skip].astype(np.float32)  # (N·k, 77, D), final norm applied
+
+
+def load_token_embeddings(path: Path, manifest) -> np.ndarray:
+    """The bundle's (vocab, D) lookup table, memory-mapped (hashed with the rest of the bundle at load)."""
+    table_path = path / manifest.token_embeddings
+    try:
+        table = np.load(table_path, mmap_mode="r", allow_pickle=False)
+    except (OSError, ValueError) as e:
+        raise BundleCorrupt(f"{str(table_path)!r} is not a readable numpy array ({e}); re-export the bundle") from None
+    if table.ndim != 2 or table.shape[1] != manifest.text_hidden_size:
+        raise BundleCorrupt(f"{str(table_path)!r} has shape {table.shape}, expected (vocab, "
+                            f"{manifest.text_hidden_size}); re-export the bundle")
+    return table

@@ -1,6 +1,7 @@
 """The `Family` interface and the registry the manifest's "family" name is looked up in."""
 from __future__ import annotations
 
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -19,6 +20,11 @@ class Family:
     name: str
     required_components: tuple[str, ...]  # graphs every bundle of the family has
     text_components: tuple[str, ...]  # graphs run once per request on the prompts (TensorRT: one engine each)
+
+    def open_text(self, bundle: Path, manifest: "Manifest", engines: dict) -> object:
+        """The text side a pipeline keeps for its requests (`pipe.text`: tokenizers, lookup tables, the text
+        encoder engines among `engines`), which `conditioning` uses."""
+        raise NotImplementedError
 
     def conditioning(self, pipe, job) -> dict[str, np.ndarray]:
         """The U-Net's inputs besides sample and timestep for one request: rows [negative (B); positive (B)]

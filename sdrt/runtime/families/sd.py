@@ -17,6 +17,16 @@ class SD(Family):
     required_components = (names.TEXT_ENCODER, names.UNET, names.VAE_DECODER)
     text_components = (names.TEXT_ENCODER,)
 
+    def open_text(self, bundle, manifest, engines):
+        """The CLIP tokenizer of tokenizer/ and a TextEncoder over the text_encoder engine (text.py)."""
+        from ..text import TextEncoder, load_token_embeddings  # here: the text side imports the engines, which
+        from ..tokenizer import ClipTokenizer  # import this package for the shapes
+
+        tokenizer = ClipTokenizer.from_folder(bundle / "tokenizer", manifest.tokenizer_max_length,
+                                              manifest.tokenizer_pad_id)
+        table = load_token_embeddings(bundle, manifest) if manifest.token_embeddings else None
+        return TextEncoder(engines, tokenizer, table)
+
     def conditioning(self, pipe, job) -> dict[str, np.ndarray]:
         """encoder_hidden_states (2B, 77·k, D): [negative; positive], each prompt repeated per image; (B, 77·k, D)
         without guidance. A1111 pads the two prompts to the same k chunks (text.py)."""
