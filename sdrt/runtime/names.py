@@ -41,3 +41,24 @@ CPU_MODEL_FILE = "model.cpu.onnx"  # beside the U-Net's and VAE decoder's graphs
 MANIFEST_FILE = "sdrt.json"
 LORA_MAP_FILE = "lora_map.json"  # beside the U-Net's and text encoder's graphs: where LoRA-targetable weights live
 LORA_COMPONENTS = (TEXT_ENCODER, UNET)
+
+# Hypernetwork variants of the U-Net (export/passes/hypernet.py): unet/hypernet/<name>.onnx (+ .cpu.onnx, and
+# <name>.onnx_data with the modules' weights), listed as the component "unet-hypernet-<name>". Their U-Net
+# weights are the plain graph's model.onnx_data: a graph's external data is resolved in its component folder.
+HYPERNET_FOLDER = "hypernet"
+HYPERNET_COMPONENT = "unet-hypernet-"
+HYPERNETWORK_STRENGTH = "hypernetwork_strength"  # the variant's scalar input: the strength s
+
+
+def hypernet_component(name: str) -> str:
+    return HYPERNET_COMPONENT + name
+
+
+def is_unet(component: str) -> bool:
+    """The U-Net or one of its variants (same inputs and outputs, and maybe more inputs)."""
+    return component == UNET or component.startswith(HYPERNET_COMPONENT)
+
+
+def data_dir(rel: str) -> str:
+    """The folder (relative to the bundle) a graph's external-data locations are relative to: its component's."""
+    return rel.split("/", 1)[0]
