@@ -24,6 +24,7 @@ from ..runtime.engines import native_ops
 from ..runtime.fsutil import atomic_write_bytes, fsync_dir, make_temp_dir, relax_permissions, sha256_file
 from ..runtime.manifest import GraphSpec, Manifest, TensorSpec
 from ..runtime.tokenizer import ClipTokenizer, load_tokenizer_files
+from . import hypernetwork as hypernet_mod
 from . import trace, verify
 from .families import ExportFamily, family_for
 from .passes import PassContext, Unsupported, cpu_graph, native_graph, winograd
@@ -115,34 +116,36 @@ def export_bundle(src: Path, out: Path, height: int | None = None, width: int | 
                   allow_pickle: bool = False, force: bool = False,
                   external_threshold: int = trace.EXTERNAL_DATA_THRESHOLD, log=print,
                   family: str | None = None, cpu_graph_policy: str = "auto", int8: bool = False,
-                  winograd_rule: str = "auto") -> Manifest:
+                  winograd_rule: str = "auto", hypernetworks=()) -> Manifest:
     """src: a diffusers model folder, or a single-file checkpoint (family: sd1, sd2, sd2-v; default detected).
     cpu_graph_policy: "auto", "always" or "never": whether to add the graphs that the ONNX Runtime CPU backend
     opens instead of the plain ones (CPU_GRAPH_PASSES): the U-Net's (fused attention, Winograd convolutions;
     "auto" writes it always) and the VAE decoder's (Winograd convolutions; "auto" from 256x256 images up).
     winograd_rule: which 3x3 convolutions those graphs compute by Winograd (a key of export/passes/winograd.py's
-    RULES). int8: also write the opt-in int8 U-Net (export/passes/int8.py)."""
+    RULES). int8: also write the opt-in int8 U-Net (export/passes/int8.py). hypernetworks: A1111 hypernetwork
+    files (.pt, read with allow_pickle) to bake into U-Net variants (export/hypernetwork.py)."""
     if cpu_graph_policy not in cpu_graph.POLICIES:
         raise InvalidRequest(f"cpu graph policy {cpu_graph_policy!r} is not one of {', '.join(cpu_graph.POLICIES)}")
     out = Path(out).expanduser().resolve()
     _prepare_target(out, force)
+    hns = hypernet_mod.read_all(hypernetworks, allow_pickle)  # refused before any export work
     model_family = family_for(Path(src))
     source = model_family.load(Path(src), allow_pickle, family)
     try:
         return _write_bundle(model_family, source, out, height, width, force, external_threshold, log,
-                             (cpu_graph_policy, winograd_rule), int8)
+                             (cpu_graph_policy, winograd_rule), int8, hns)
     finally:
         source.close()  # a single-file checkpoint's temporary config folder
 
 
 def _write_bundle(family: ExportFamily, source: Source, out: Path, height: int | None, width: int | None,
                   force: bool, external_threshold: int, log, cpu: tuple[str, str] = ("auto", "auto"),
-                  int8: bool = False) -> Manifest:
+                  int8: bool = False, hypernetworks=()) -> Manifest:
     height, width = _default_size(source, height, width)
     tokenizer, pad_id = check_tokenizer(source.path / "tokenizer")
     tmp = make_temp_dir(out)
     try:
-        graphs, errors, cpu_graphs, int8_graphs = {}, {}, {}, {}
+        graphs, errors, cpu_graphs, int8_graphs, hypernets, unet_feeds = {}, {}, {}, {}, {}, None
         ids = tokenizer(["a photo of a cat"])  # (1, 77): the text encoder's check input
         scale = 2 ** (len(source.vae.config.block_out_channels) - 1)  # image pixels per latent pixel
         for comp, traced in family.components(source).items():
@@ -153,6 +156,7 @@ def _write_bundle(family: ExportFamily, source: Source, out: Path, height: int |
                                      lora_targets=comp in names.LORA_COMPONENTS,
                                      external=want_cpu and comp == names.VAE_DECODER)  # shared with its CPU graph
             feeds = family.check_inputs(source, comp, height, width, ids)
+            unet_feeds = feeds if comp == names.UNET else unet_feeds
             with winograd.recording_conv_sizes(traced.module) as conv_sizes:  # for the CPU graphs' Winograd rule
                 expected = family.expected_outputs(source, comp, traced, feeds, ids)
             errors[comp] = verify.verify(comp, expected, path, feeds)
@@ -171,11 +175,17 @@ def _write_bundle(family: ExportFamily, source: Source, out: Path, height: int |
                                                                           limit=int8_mod.INT8_ERROR_LIMIT)
                 int8_graphs[comp] = f"{comp}/{names.INT8_MODEL_FILE}"
         family.write_files(source, tmp, tokenizer)
+        for hn in hypernetworks:  # U-Net variants, from its finished graphs and lora_map.json
+            entries = hypernet_mod.bake_into(tmp, hn, unet_feeds, source.unet, log)
+            graphs.update(entries["graphs"])
+            cpu_graphs.update(entries["cpu_graphs"])
+            hypernets.update(entries["hypernetworks"])
+            errors.update(entries["errors"])
         relax_permissions(tmp)
         files = {p.relative_to(tmp).as_posix(): sha256_file(p) for p in sorted(tmp.rglob("*")) if p.is_file()}
         manifest = Manifest(
             graphs=graphs, default_height=height, default_width=width, files=files, source_hash=source.hash,
-            cpu_graphs=cpu_graphs, int8_graphs=int8_graphs, versions=_versions(),
+            cpu_graphs=cpu_graphs, int8_graphs=int8_graphs, hypernetworks=hypernets, versions=_versions(),
             **family.manifest_fields(source, tokenizer, pad_id), family=family.name,
             family_settings=family.settings(source))
         data = manifest.to_json()

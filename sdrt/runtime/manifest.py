@@ -72,6 +72,8 @@ class Manifest:
     source_hash: str | None = None
     cpu_graphs: dict[str, str] = field(default_factory=dict)  # component -> graph ONNX Runtime's CPU backend opens
     int8_graphs: dict[str, str] = field(default_factory=dict)  # component -> int8 graph, opened only when asked
+    # name -> {"component": its U-Net variant in graphs, "file", "sha256": of the .pt, "widths": those it changes}
+    hypernetworks: dict[str, dict[str, Any]] = field(default_factory=dict)
     versions: dict[str, str] = field(default_factory=dict)
     format_version: int = FORMAT_VERSION
     family: str = "sd"  # the model family (runtime/families): SD 1.x/2.x, or one registered beside it
@@ -101,6 +103,8 @@ class Manifest:
         d = {k: v for k, v in asdict(self).items() if k not in ("graphs", "hashed")}
         if self.family == "sd" and not self.family_settings:  # SD bundles read as they did before families
             del d["family"], d["family_settings"]
+        if not self.hypernetworks:  # bundles without them read as before
+            del d["hypernetworks"]
         d["graphs"] = {k: g.to_json() for k, g in self.graphs.items()}
         return {"format": FORMAT, **d}
 

@@ -45,6 +45,10 @@ class _Writer:
         self.weights[name] = np.ascontiguousarray(value, np.float32)
         return name
 
+    def const(self, value: float) -> str:
+        """A scalar constant, named by its value: the plain and CPU graphs' bakes then name every weight alike."""
+        return self.weight(f"const.{value!r}", np.array(value))
+
     def op(self, op_type: str, inputs: list[str], **attrs) -> str:
         from onnx import helper
 
@@ -65,13 +69,12 @@ def _activation(w: _Writer, x: str, name: str, prelu) -> str:
         return w.op("Elu" if name == "elu" else "Celu", [x], alpha=1.0)
     if name in ("relu6", "hardtanh"):
         lo, hi = (0.0, 6.0) if name == "relu6" else (-1.0, 1.0)
-        return w.op("Clip", [x, w.weight(w.name("min"), np.array(lo)), w.weight(w.name("max"), np.array(hi))])
+        return w.op("Clip", [x, w.const(lo), w.const(hi)])
     if name == "hardsigmoid":
         return w.op("HardSigmoid", [x], alpha=1 / 6, beta=0.5)
     if name == "gelu":  # torch's exact GELU: x/2 * (1 + erf(x / sqrt 2))
-        erf = w.op("Erf", [w.op("Mul", [x, w.weight(w.name("inv_sqrt2"), np.array(2 ** -0.5))])])
-        one = w.weight(w.name("one"), np.array(1.0))
-        return w.op("Mul", [w.op("Mul", [x, w.weight(w.name("half"), np.array(0.5))]), w.op("Add", [erf, one])])
+        erf = w.op("Erf", [w.op("Mul", [x, w.const(2 ** -0.5)])])
+        return w.op("Mul", [w.op("Mul", [x, w.const(0.5)]), w.op("Add", [erf, w.const(1.0)])])
     if name == "silu":
         return w.op("Mul", [x, w.op("Sigmoid", [x])])
     if name == "mish":
@@ -83,7 +86,7 @@ def _activation(w: _Writer, x: str, name: str, prelu) -> str:
     if name in ("hardshrink", "softshrink"):
         return w.op("Shrink", [x], lambd=0.5, bias=0.0 if name == "hardshrink" else 0.5)
     if name == "prelu":
-        return w.op("PRelu", [x, w.weight(w.name("slope"), prelu.weight)])
+        return w.op("PRelu", [x, w.weight(f"prelu.{float(prelu.weight[0])!r}", prelu.weight)])
     raise ValueError(f"no ONNX form for activation {name!r}")  # hypernet_file.ACTIVATIONS lists only these
 
 
@@ -104,9 +107,9 @@ def _module(w: _Writer, x: str, module: Module, key: str, strength: str) -> str:
 
 def bake(model, lora_map: dict, hn: Hypernetwork, widths: list[int]) -> tuple[dict[str, np.ndarray], list]:
     """Edit `model` (an ONNX ModelProto of the U-Net, weights external) in place; returns the new weights
-    {initializer name: array} for the caller to store, and [(context, modified context)] tensor names per
-    rewired input (the export's check reads them). Raises ValueError when an attention's to_k / to_v MatMul
-    is missing (a graph not exported by sdrt)."""
+    {initializer name: array} for the caller to store, and [(context, modified context, "k"|"v", width)]
+    per rewired input (tensor names: the export's check reads them). Raises ValueError when an attention's
+    to_k / to_v MatMul is missing (a graph not exported by sdrt)."""
     from onnx import TensorProto, helper
 
     w = _Writer(hn.name)
@@ -130,18 +133,19 @@ def bake(model, lora_map: dict, hn: Hypernetwork, widths: list[int]) -> tuple[di
             key = (context, kv, width)
             if key not in done:
                 done[key] = _module(w, context, module, f"{width}.{kv}", STRENGTH)
-                rewired.append((context, done[key]))
+                rewired.append((context, done[key], kv, width))
             node.input[0] = done[key]
     if not rewired:
         raise ValueError(f"no attention of width {widths} found in the graph")
-    _insert(model, w.nodes)
+    _insert(model, w.nodes, set(w.weights))
     return w.weights, rewired
 
 
-def _insert(model, nodes) -> None:
-    """Append the new nodes and restore topological order (each new chain sits before its consumer)."""
+def _insert(model, nodes, weights: set[str]) -> None:
+    """Append the new nodes and restore topological order (each new chain sits before its consumer).
+    weights: the new initializers' names (add_weights stores them later)."""
     graph = model.graph
-    produced = {i.name for i in graph.input} | {t.name for t in graph.initializer}
+    produced = {i.name for i in graph.input} | {t.name for t in graph.initializer} | weights
     pending = list(graph.node) + list(nodes)
     ordered, ready = [], set(produced)
     while pending:
