@@ -89,22 +89,47 @@ def export(
                                   "the U-Net's always, the VAE decoder's from 256x256 up)."),
     int8: bool = typer.Option(False, "--int8", help="Also write a U-Net with int8 MatMuls (opt-in at generation "
                               "with --int8)."),
+    hypernetwork: list[Path] = typer.Option([], "--hypernetwork", help="An A1111 hypernetwork .pt to bake into a "
+                                            "U-Net variant (repeatable; needs --allow-pickle: they are pickles)."),
 ):
     """Export a model to an ONNX bundle, checking every graph against torch."""
+    export_bundle = _export_api("export_bundle")
+    manifest = export_bundle(src, out, height, width, allow_pickle, force, log=lambda m: typer.echo(m, err=True),
+                             family=family, cpu_graph_policy=cpu_graph, int8=int8, hypernetworks=hypernetwork)
+    typer.echo(f"wrote {out} ({manifest.default_width}x{manifest.default_height}, {manifest.prediction_type}, "
+               f"model hash {manifest.model_hash})")
+
+
+def _export_api(name: str):
+    """A function of sdrt.export, or MissingDependency naming the export extra."""
     try:
         import torch  # noqa: F401  (first: the one a runtime-only install lacks)
         import diffusers  # noqa: F401, I001
         import onnx  # noqa: F401
         import transformers  # noqa: F401
 
-        from .export import export_bundle
+        from . import export
     except ImportError as e:
         raise MissingDependency(f"exporting needs the export extra ({e.name or e} is missing): "
                                 "pip install torch==2.13.0 'sdrt[export]'") from None
-    manifest = export_bundle(src, out, height, width, allow_pickle, force, log=lambda m: typer.echo(m, err=True),
-                             family=family, cpu_graph_policy=cpu_graph, int8=int8)
-    typer.echo(f"wrote {out} ({manifest.default_width}x{manifest.default_height}, {manifest.prediction_type}, "
-               f"model hash {manifest.model_hash})")
+    return getattr(export, name)
+
+
+hypernetwork_app = typer.Typer(no_args_is_help=True, help="Hypernetworks (A1111 .pt files) baked into a bundle.")
+app.add_typer(hypernetwork_app, name="hypernetwork")
+
+
+@hypernetwork_app.command("add")
+@handle_errors
+def hypernetwork_add(
+    bundle: Path = typer.Argument(..., help="A bundle folder (from `sdrt export`)."),
+    file: Path = typer.Argument(..., help="The hypernetwork .pt file; its stem is the <hypernet:NAME> tag."),
+    allow_pickle: bool = typer.Option(False, "--allow-pickle", help="Read the .pt (a pickle: it could run code; "
+                                      "sdrt reads only tensors and plain values)."),
+):
+    """Bake a hypernetwork into an exported bundle's U-Net (a variant graph checked against torch)."""
+    name = _export_api("add_hypernetwork")(bundle, file, allow_pickle, log=lambda m: typer.echo(m, err=True))
+    typer.echo(f"added hypernetwork {name!r} to {bundle}: use <hypernet:{name}:1> in a prompt, or --hypernetwork {name}")
 
 
 class _StepBar:
@@ -150,6 +175,8 @@ _SHARED = [
     ("allow_pickle", bool, typer.Option(False, "--allow-pickle", help="Allow .pt/.bin embeddings (pickles run code).")),
     ("lora", list[str], typer.Option([], "--lora", help="LoRA .safetensors as FILE or FILE:WEIGHT (repeatable).")),
     ("lora_dir", list[Path], typer.Option([], "--lora-dir", help="Where <lora:name:weight> prompt tags are found.")),
+    ("hypernetwork", Optional[str], typer.Option(None, "--hypernetwork", help="One of the bundle's hypernetworks "
+                                                 "as NAME or NAME:STRENGTH (as a <hypernet:NAME:STRENGTH> tag).")),
     ("backend", str, typer.Option("auto", "--backend", help="auto (TensorRT when engines for this GPU exist, "
                                   "else ONNX Runtime), tensorrt or onnxruntime.")),
     ("engines", Path, typer.Option(Path("engines"), "--engines", help="Where `sdrt build` put the engines.")),
@@ -197,7 +224,8 @@ def _generate(fn, s: dict, own: dict) -> None:
         typer.echo(f"embedding {pipe.load_embedding(path, allow_pickle=s['allow_pickle'])!r} from {path}")
     options = {k: s[k] for k in ("negative_prompt", "steps", "guidance", "seed", "sampler", "height", "width",
                                  "batch", "eta", "clip_skip", "truncate")}
-    options |= {"emphasis": not s["no_emphasis"], "loras": loras, "watermark": False if s["no_watermark"] else None}
+    options |= {"emphasis": not s["no_emphasis"], "loras": loras, "watermark": False if s["no_watermark"] else None,
+                "hypernetwork": s["hypernetwork"]}
     bar = _StepBar()
     try:
         images = fn(pipe, s["prompt"], options, bar, **own)
@@ -276,6 +304,7 @@ def depth2img_command(pipe, prompt, options, progress,
 def info(bundle: Path = typer.Argument(..., help="A bundle folder."),
          as_json: bool = typer.Option(False, "--json", help="Print the manifest as JSON.")):
     """Check a bundle's files against its manifest and describe it."""
+    from .runtime import names
     from .runtime.manifest import load_manifest
     from .runtime.samplers import SAMPLERS
     from .runtime.watermark import payload_for, watermark_available
@@ -291,12 +320,15 @@ def info(bundle: Path = typer.Argument(..., help="A bundle folder."),
     typer.echo(f"text         {m.tokenizer_max_length} tokens, pad id {m.tokenizer_pad_id}, hidden size {m.text_hidden_size}")
     for comp, g in m.graphs.items():
         ins = ", ".join(f"{t.name} {t.dtype}{list(t.shape)}" for t in g.inputs) or "read from the graph"
-        typer.echo(f"{comp:<13}{g.path}: {ins}")
+        typer.echo(f"{comp + ' ':<13}{g.path}: {ins}")
         if comp in m.cpu_graphs:
-            what = "fused attention and Winograd convolutions" if comp == "unet" else "Winograd convolutions"
+            what = "fused attention and Winograd convolutions" if names.is_unet(comp) else "Winograd convolutions"
             typer.echo(f"{'':<13}{m.cpu_graphs[comp]}: the same with {what}, for ONNX Runtime on the CPU")
         if comp in m.int8_graphs:
             typer.echo(f"{'':<13}{m.int8_graphs[comp]}: the same with int8 MatMuls (--int8)")
+    for name, h in m.hypernetworks.items():
+        typer.echo(f"hypernetwork {name}: {h['file']} (sha256 {h['sha256'][:10]}), widths "
+                   f"{', '.join(map(str, h['widths']))}: <hypernet:{name}:1>")
     typer.echo("samplers     " + ", ".join(f"{c.name} ({c.label})" for c in SAMPLERS.values()))
     typer.echo("watermark    " + (f"active: dwtDct, payload {payload_for(m.text_hidden_size)!r}, on images of at least "
                                   "256x256 (--no-watermark to skip)" if watermark_available()

@@ -232,8 +232,9 @@ def bake_into(bundle: Path, hn: Hypernetwork, feeds: dict[str, np.ndarray], torc
         raise
     plain, cpu = (f"{names.UNET}/{rel}" for rel in _variant_files(hn.name).values())
     log(f"hypernetwork {hn.name}: {len(rewired[next(iter(rewired))])} attention inputs rewired (widths "
-        f"{', '.join(map(str, widths))}) in {', '.join(rewired)}; checked against torch "
-        f"(worst relative error {max(errors.values()):.2e})")
+        f"{', '.join(map(str, widths))}) in {', '.join(rewired)}; {len(errors)} checks passed "
+        f"({'modules and whole U-Net' if expected is not None else 'modules'} vs torch, strength 0 vs the plain "
+        f"U-Net; worst relative error {max(errors.values()):.2e})")
     return {"graphs": {comp: graph_spec(bundle / plain, plain)},
             "cpu_graphs": {comp: cpu} if (bundle / cpu).is_file() else {},
             "hypernetworks": {hn.name: {"component": comp, "file": hn.path.name, "sha256": hn.sha256,

@@ -13,10 +13,10 @@ import numpy as np
 
 from .. import __version__, embedded
 from ..errors import BundleNotFound, InvalidRequest, NonFiniteOutput
-from . import lora, names, request
+from . import hypernetworks, lora, names, request
 from . import watermark as _watermark
 from .embeddings import load_embedding
-from .engines import BACKENDS, Engine, OrtEngine, open_engines, open_onnx
+from .engines import BACKENDS, Engine, OrtEngine, check_io, open_engines, open_onnx
 from .images import a1111_parameters, to_pil
 from .lora import Lora
 from .manifest import Manifest, load_manifest, read_json
@@ -37,6 +37,8 @@ class Pipeline(ImageModes):
         self.loras: tuple[Lora, ...] = ()  # applied to the U-Net and text encoder engines now
         self.lora_dirs: list[Path] = []  # where <lora:name:w> prompt tags are looked up
         self._patched: set[str] = set()  # components whose engines run on patched weights
+        self._unet_patches: dict | None = None  # the U-Net's LoRA patches: its hypernetwork variants take them too
+        self._variant: tuple[str, Engine] | None = None  # the hypernetwork U-Net opened last (one at a time)
 
     @classmethod
     def load(cls, path: str | Path | None = None, backend: str = "auto", threads: int | None = None,
@@ -98,6 +100,7 @@ class Pipeline(ImageModes):
                 self.engines[comp] = OrtEngine(old.path, comp, old.threads, patches.get(comp))
         self._patched = set(patches)
         self.loras = wanted
+        self._unet_patches, self._variant = patches.get(names.UNET), None  # reopened on the new weights
 
     def _request_loras(self, prompt: str, loras) -> list[tuple[Path, float]]:
         """--lora files plus the prompt's <lora:name:w> tags, resolved in lora_dirs."""
@@ -118,7 +121,7 @@ class Pipeline(ImageModes):
         ordinary model puts the known region back)."""
         sampler, guidance, noise = job.solver, job.guidance, job.noise
         cfg = guidance > 1.0  # diffusers' convention: scales <= 1 run the conditional branch alone
-        unet, total = self.engines[names.UNET], len(sampler.timesteps)
+        (unet, strength), total = self._unet(job), len(sampler.timesteps)
         scalar_t = len(unet.inputs[names.TIMESTEP].shape) == 0  # optimum's graphs take one scalar timestep
         for i in range(start, total):
             x_in = sampler.scale_model_input(x, i)
@@ -126,7 +129,7 @@ class Pipeline(ImageModes):
                 x_in = np.concatenate([x_in, extra], axis=1)  # (B, 4 + C', h, w)
             x_in = np.concatenate([x_in, x_in]) if cfg else x_in
             t = np.float32(sampler.timesteps[i]) if scalar_t else np.full(len(x_in), sampler.timesteps[i], np.float32)
-            eps = unet(**{names.SAMPLE: x_in, names.TIMESTEP: t, **cond})[names.OUT_SAMPLE]
+            eps = unet(**{names.SAMPLE: x_in, names.TIMESTEP: t, **cond, **strength})[names.OUT_SAMPLE]
             eps = _finite(np.asarray(eps, np.float32), "U-Net", step=i)  # no copy when already fp32
             if cfg:
                 eps_uncond, eps_cond = eps[: len(x)], eps[len(x):]  # views: np.split costs 4x more per step
@@ -137,6 +140,34 @@ class Pipeline(ImageModes):
             if progress:
                 progress(i + 1 - start, total - start)
         return x
+
+    def _unet(self, job: "_Job") -> tuple[Engine, dict[str, np.ndarray]]:
+        """The U-Net for the job, and the inputs it takes besides the plain one's: a hypernetwork's variant
+        and its strength, or the plain U-Net (no hypernetwork, or strength 0: the same image exactly)."""
+        hn = job.hypernetwork
+        if hn is None or hn.strength == 0:
+            return self.engines[names.UNET], {}
+        if self._variant is None or self._variant[0] != hn.component:
+            self._variant = None  # one variant open at a time: each session holds the U-Net's weights
+            self._variant = (hn.component, self._open_variant(hn))
+        return self._variant[1], {names.HYPERNETWORK_STRENGTH: np.float32(hn.strength)}
+
+    def _open_variant(self, hn: hypernetworks.Choice) -> Engine:
+        if self.int8:
+            raise InvalidRequest("hypernetworks run in the fp32 U-Net, not the int8 one; load the pipeline "
+                                 "without int8 to use them")
+        if self.backend == "tensorrt":
+            engine = self.engines.get(hn.component)
+            if engine is None:
+                raise InvalidRequest(f"no TensorRT engine for hypernetwork {hn.name!r} on this GPU: run "
+                                     f"`sdrt build {self.path} --hypernetwork {hn.name}`, or load the pipeline "
+                                     "with backend='onnxruntime'")
+            return engine
+        rel = self.manifest.cpu_graphs.get(hn.component, self.manifest.graphs[hn.component].path)
+        engine = OrtEngine(self.path / rel, hn.component, self.threads, self._unet_patches,
+                           data_dir=self.path / names.data_dir(rel))
+        check_io(self.manifest, {hn.component: engine})
+        return engine
 
     def decode(self, latents: np.ndarray) -> np.ndarray:
         z = latents / np.float32(self.manifest.vae_scaling_factor)
@@ -154,6 +185,7 @@ class Pipeline(ImageModes):
         diffusers class), eta=None (DDIM), height/width (the bundle's default size), batch=1, clip_skip=1
         (A1111's numbering), emphasis=True (A1111's (word:1.3) syntax), truncate=False (diffusers' 77-token
         cut instead of 75-token chunks), loras=[(file, weight)] (added to <lora:name:w> tags),
+        hypernetwork="name" / "name:0.8" / ("name", 0.8) (one of the bundle's, as a <hypernet:name:0.8> tag does),
         watermark=None (the reference scripts' invisible watermark when its extra is installed).
 
         Returns PIL images whose `info["parameters"]` holds the settings in AUTOMATIC1111's format."""
@@ -175,8 +207,11 @@ class Pipeline(ImageModes):
 
     def _job(self, prompt, negative_prompt="", steps=20, guidance=7.5, seed=None, sampler="euler", height=None,
              width=None, batch=1, eta=None, clip_skip=1, emphasis=True, truncate=False, loras=None,
-             watermark=None) -> "_Job":
+             watermark=None, hypernetwork=None) -> "_Job":
         """Check the options every mode shares, apply the request's LoRAs, draw a seed when none is given."""
+        prompt = request.check_prompt(prompt)
+        if (option := hypernetworks.parse_option(hypernetwork)) is not None:  # as its tag: the PNG records it
+            prompt = f"{prompt} {hypernetworks.tag(*option)}"
         m = self.manifest
         text = self._text_options(clip_skip, emphasis, truncate)
         if watermark not in (None, True, False):
@@ -190,7 +225,7 @@ class Pipeline(ImageModes):
         seed = request.draw_seed() if seed is None else seed
         steps = request.check_int(steps, "steps", 1, self.scheduler_config.get("num_train_timesteps", 1000))
         job = _Job(
-            prompt=request.check_prompt(prompt),
+            prompt=prompt, hypernetwork=hypernetworks.choose(m, prompt),
             negative_prompt=request.check_prompt(negative_prompt, "negative prompt"),
             steps=steps, guidance=request.check_guidance(guidance),
             solver=make_sampler(sampler, self.scheduler_config, steps, eta), seed=seed, text=text,
@@ -260,6 +295,7 @@ class _Job:
     batch: int
     latent_shape: tuple  # (B, 4, H/8, W/8)
     noise: request.BatchNoise
+    hypernetwork: hypernetworks.Choice | None = None
 
 
 def _lora_item(item) -> Lora:

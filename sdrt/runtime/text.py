@@ -15,6 +15,7 @@ import numpy as np
 from ..errors import BundleCorrupt, InvalidRequest
 from . import names
 from .engines.base import Engine
+from .hypernetworks import strip_tags
 from .lora import parse_tags
 from .prompt import Chunks, apply_emphasis, encode_chunks, pad_to
 from .tokenizer import ClipTokenizer
@@ -52,7 +53,7 @@ class TextEncoder:
         cond and uncond so they share one U-Net batch."""
         self._check(options)
         vectors = {t: len(v) for t, v in self.embeddings.items()} if self.takes_embeddings else None
-        prompts = [parse_tags(p)[0] for p in prompts]  # <lora:...> tags pick weights, they are not text
+        prompts = [strip_tags(parse_tags(p)[0]) for p in prompts]  # <lora:...>, <hypernet:...>: not text
         chunks = [encode_chunks(self.tokenizer, p, options.emphasis, vectors, options.truncate) for p in prompts]
         k = max(len(c) for c in chunks)
         chunks = [pad_to(c, k) for c in chunks]

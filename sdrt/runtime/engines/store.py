@@ -22,6 +22,7 @@ from typing import Callable
 from ... import __version__
 from ...errors import EngineNotBuilt, StaleEngine
 from ..fsutil import atomic_write_bytes, sha256_file
+from .. import names
 from ..manifest import Manifest
 
 try:
@@ -62,10 +63,18 @@ def model_hash(manifest: Manifest, bundle: Path) -> str:
 
 
 def onnx_digests(manifest: Manifest, component: str) -> dict[str, str]:
-    """sha256 of the component's graph and its external weights, from the (verified) bundle manifest."""
-    folder = manifest.graphs[component].path.rsplit("/", 1)[0] + "/"
-    return {rel: digest for rel, digest in sorted(manifest.files.items())
-            if rel.startswith(folder) and (rel.endswith(".onnx") or rel.endswith(".onnx_data"))}
+    """sha256 of the component's graphs and external weights, from the (verified) bundle manifest: the files
+    of its component folder, and for a U-Net variant in a subfolder (unet/hypernet/NAME.onnx) its own files
+    there (NAME.*), so adding a hypernetwork leaves the built engines valid."""
+    graph = manifest.graphs[component].path
+    folder, stem, data = graph.rsplit("/", 1)[0], graph.rsplit("/", 1)[1].split(".")[0], names.data_dir(graph)
+
+    def counts(rel: str) -> bool:
+        parent, name = rel.rsplit("/", 1) if "/" in rel else ("", rel)
+        return name.endswith((".onnx", ".onnx_data")) and (
+            parent == data or (parent == folder and name.split(".")[0] == stem))
+
+    return {rel: digest for rel, digest in sorted(manifest.files.items()) if counts(rel)}
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,89 @@
+"""Choosing a bundle's hypernetwork for a request: A1111's `<hypernet:name:strength>` prompt tags and the
+`hypernetwork=` option. The hypernetworks themselves are U-Net variants baked at export (export/hypernetwork.py);
+here a request picks one and its strength, the scalar input `hypernetwork_strength`.
+
+A1111 (extra_networks_hypernet.py) removes the tag from the text, defaults the strength to 1 and, with several
+tags, applies each in turn. sdrt bakes one file per variant, so it runs one hypernetwork per request and
+refuses two with a message naming both; strength 0 runs the plain U-Net (the same image exactly).
+"""
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass
+
+from ..errors import InvalidRequest
+from .manifest import Manifest
+
+_TAG = re.compile(r"<hypernet:([^:>]+)(?::([^:>]*))?>")
+ADD = "`sdrt hypernetwork add BUNDLE FILE.pt` (or `sdrt export SRC --out BUNDLE --hypernetwork FILE.pt`)"
+
+
+@dataclass(frozen=True)
+class Choice:
+    name: str
+    strength: float
+    component: str  # the bundle's U-Net variant
+
+    @property
+    def tag(self) -> str:
+        return tag(self.name, self.strength)
+
+
+def tag(name: str, strength: float) -> str:
+    """<hypernet:name:strength>, the strength written so it reads back exactly."""
+    short = f"{strength:g}"
+    return f"<hypernet:{name}:{short if float(short) == strength else repr(float(strength))}>"
+
+
+def strip_tags(prompt: str) -> str:
+    """The prompt's text without its hypernet tags (they pick a U-Net, they are not words)."""
+    return _TAG.sub("", prompt)
+
+
+def parse_tags(prompt: str) -> list[tuple[str, float]]:
+    """(name, strength) per `<hypernet:name[:strength]>`, in order."""
+    return [(m[1].strip(), _strength(m[2], m[0])) for m in _TAG.finditer(prompt)]
+
+
+def _strength(text, where: str) -> float:
+    if text in (None, ""):
+        return 1.0
+    try:
+        value = float(text)
+    except (TypeError, ValueError):
+        value = math.nan
+    if not math.isfinite(value):
+        raise InvalidRequest(f"hypernetwork {where} has strength {text!r}, not a finite number; write it as "
+                             "<hypernet:name:0.8> (or --hypernetwork name:0.8)")
+    return value
+
+
+def parse_option(value) -> tuple[str, float] | None:
+    """hypernetwork=: None, "name", "name:0.8" or ("name", 0.8)."""
+    if value is None:
+        return None
+    if isinstance(value, str):
+        name, _, strength = value.partition(":")
+        return name.strip(), _strength(strength, repr(value))
+    if isinstance(value, (tuple, list)) and len(value) == 2 and isinstance(value[0], str) and \
+            not isinstance(value[1], bool) and isinstance(value[1], (int, float)):
+        return value[0].strip(), _strength(str(value[1]), repr(tuple(value)))
+    raise InvalidRequest(f"hypernetwork must be a name, 'name:strength' or (name, strength), got {value!r}")
+
+
+def choose(manifest: Manifest, prompt: str) -> Choice | None:
+    """The hypernetwork the prompt's tags ask for (after the option's tag was added to it), checked."""
+    tags = parse_tags(prompt)
+    if len(tags) > 1:
+        a, b = (tag(n, s) for n, s in tags[:2])
+        raise InvalidRequest(f"the prompt asks for two hypernetworks, {a} and {b}; sdrt runs one per request "
+                             "(each is baked into its own U-Net): keep one tag")
+    if not tags:
+        return None
+    name, strength = tags[0]
+    entry = manifest.hypernetworks.get(name)
+    if entry is None:
+        have = ", ".join(sorted(manifest.hypernetworks)) or "none"
+        raise InvalidRequest(f"hypernetwork {name!r} is not in this bundle (it has: {have}); add its file with {ADD}")
+    return Choice(name, strength, entry["component"])
