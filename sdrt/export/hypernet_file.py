@@ -117,7 +117,8 @@ def parse(data: dict, path: Path) -> Hypernetwork:
         if not isinstance(width, int) or isinstance(width, bool):
             continue  # A1111 loads only the int keys
         if not isinstance(pair, (tuple, list)) or len(pair) != 2 or not all(isinstance(d, dict) for d in pair):
-            raise InvalidRequest(f"{where}: width {width} holds {type(pair).__name__}, not a (K, V) pair of state dicts")
+            what = "a tensor" if isinstance(pair, np.ndarray) else f"a {type(pair).__name__}"
+            raise InvalidRequest(f"{where}: width {width} holds {what}, not a (K, V) pair of state dicts")
         modules[width] = tuple(_module(sd, width, activation, activate_output, f"{where}, width {width} {kv}")
                                for sd, kv in zip(pair, ("K", "V")))
     if not modules:

@@ -1,0 +1,314 @@
+"""Hypernetworks (A1111 .pt files) baked into U-Net variants, against diffusers' pipelines with A1111's rule in
+every attention (tests/hypernet_files.py's ReferenceProcessor, on the torch modules the files were written from).
+
+The test models' text width (SD1-style 48, SD2-style 40) differs from their attention widths (32, 64), as
+768 / 1024 differ from 320 / 640 / 1280 in the released models, so the text module is told apart.
+"""
+from __future__ import annotations
+
+import json
+import pickle
+import re
+import shutil
+import zipfile
+
+import numpy as np
+import pytest
+import torch
+from conftest import latents, pixels
+from hypernet_files import ReferenceProcessor, write_a1111
+from test_cli import run
+from test_lora import reference_with_lora, write_lora
+from test_modes import VAE_MODULE, Draws, photo
+from test_parity import reference_images, use_scheduler
+from tiny_models import build_model
+
+import sdrt
+from sdrt.errors import InvalidRequest, PickleRefused
+
+TOLERANCE = 2 / 255
+TEXT = {"sd1": 48, "sd2": 40}  # the test models' text widths
+FILES = {  # the parity files: SD1's with layer norm and a dropout gap, SD2's Hardswish with activate_output
+    "sd1": dict(activation="relu", layer_norm=True, dropout_structure=(0, 0.3, 0), activate_output=False),
+    "sd2": dict(activation="swish", activate_output=True, layer_structure=(1, 1.5, 1)),
+}
+
+
+@pytest.fixture(scope="module")
+def hn(tmp_path_factory):
+    """Per family: the model folder, its bundle with one hypernetwork (SD1 baked while exporting, SD2 added to
+    the exported bundle), the torch modules, and diffusers' pipeline on the same weights."""
+    from diffusers import StableDiffusionPipeline
+
+    from sdrt.export import add_hypernetwork, export_bundle
+
+    root = tmp_path_factory.mktemp("hypernet")
+    out = {}
+    for i, family in enumerate(("sd1", "sd2")):
+        src = build_model(root / f"{family}-src", family, seed=10 + i, hidden=TEXT[family])
+        file = root / f"{family}_style.pt"
+        modules = write_a1111(file, [32, TEXT[family], 64], seed=i, **FILES[family])
+        bundle = root / f"{family}-bundle"
+        if family == "sd1":
+            export_bundle(src, bundle, log=lambda *_: None, hypernetworks=[file], allow_pickle=True)
+        else:
+            export_bundle(src, bundle, log=lambda *_: None)
+            add_hypernetwork(bundle, file, allow_pickle=True, log=lambda *_: None)
+        ref = StableDiffusionPipeline.from_pretrained(src, safety_checker=None, requires_safety_checker=False)
+        ref.set_progress_bar_config(disable=True)
+        out[family] = dict(src=src, bundle=bundle, file=file, modules=modules, ref=ref, name=file.stem,
+                           pipe=sdrt.Pipeline.load(bundle))
+    return out
+
+
+class with_processor:
+    """diffusers' U-Net with A1111's rule in every attention while inside."""
+
+    def __init__(self, unet, modules, strength):
+        self.unet, self.modules, self.strength = unet, modules, strength
+
+    def __enter__(self):
+        self.before = self.unet.attn_processors
+        self.unet.set_attn_processor(ReferenceProcessor(self.modules, self.strength))
+
+    def __exit__(self, *exc):
+        self.unet.set_attn_processor(self.before)
+
+
+@pytest.mark.parametrize("family", ["sd1", "sd2"])
+@pytest.mark.parametrize("strength", [0.0, 0.7, 1.0])
+def test_images_match_diffusers_with_a1111s_rule(hn, family, strength):
+    h = hn[family]
+    lat, prompt = latents(2, seed=5), "a red circle on a blue background"
+    got = pixels(h["pipe"].txt2img(f"{prompt} <hypernet:{h['name']}:{strength}>", steps=8, latents=lat, batch=2))
+    with with_processor(h["ref"].unet, h["modules"], strength):
+        want = reference_images(h["ref"], "euler", prompt, "", 7.5, lat, 8)
+    assert np.abs(got - want).max() <= TOLERANCE
+    if strength == 1.0:  # the hypernetwork changes the image visibly
+        plain = pixels(h["pipe"].txt2img(prompt, steps=8, latents=lat, batch=2))
+        assert np.abs(got - plain).mean() > 0.02
+
+
+def test_strength_zero_is_the_plain_unet_exactly_and_the_png_carries_the_tag(hn):
+    h = hn["sd1"]
+    plain = h["pipe"].txt2img("a cat", steps=4, seed=3)[0]
+    zero = h["pipe"].txt2img(f"a cat <hypernet:{h['name']}:0>", steps=4, seed=3)[0]
+    assert np.array_equal(np.asarray(plain), np.asarray(zero))
+    tagged = h["pipe"].txt2img(f"a cat <hypernet:{h['name']}:0.8>", steps=4, seed=3)[0]
+    option = h["pipe"].txt2img("a cat", hypernetwork=(h["name"], 0.8), steps=4, seed=3)[0]
+    named = h["pipe"].txt2img("a cat", hypernetwork=f"{h['name']}:0.8", steps=4, seed=3)[0]
+    assert np.array_equal(np.asarray(tagged), np.asarray(option)) and np.array_equal(np.asarray(option),
+                                                                                     np.asarray(named))
+    assert option.info["parameters"].splitlines()[0] == f"a cat <hypernet:{h['name']}:0.8>"
+    default = h["pipe"].txt2img(f"a cat <hypernet:{h['name']}>", steps=4, seed=3)[0]
+    one = h["pipe"].txt2img(f"a cat <hypernet:{h['name']}:1>", steps=4, seed=3)[0]
+    assert np.array_equal(np.asarray(default), np.asarray(one))  # A1111's default strength: 1
+
+
+def test_works_with_lora(hn, tmp_path):
+    h = hn["sd1"]
+    path = tmp_path / "shiny.safetensors"
+    te_deltas = write_lora(path, h["ref"].unet, h["ref"].text_encoder, "kohya", seed=4)
+    lat, prompt = latents(1, seed=6), "a green triangle"
+    got = pixels(h["pipe"].txt2img(prompt, steps=6, latents=lat, loras=[(path, 0.8)], hypernetwork=h["name"]))
+    with with_processor(h["ref"].unet, h["modules"], 1.0):
+        want = reference_with_lora(h["ref"], path, te_deltas, 0.8, prompt=prompt, latents=torch.from_numpy(lat))
+    assert np.abs(got - (want * 255).round() / 255).max() <= TOLERANCE
+    h["pipe"].set_loras([])
+
+
+@pytest.mark.parametrize("sampler", ["dpmpp_2m", "ddim"])
+def test_other_samplers_match_diffusers(hn, sampler):
+    h = hn["sd2"]
+    lat = latents(1, seed=2)
+    got = pixels(h["pipe"].txt2img("a house", steps=6, sampler=sampler, latents=lat, hypernetwork=(h["name"], 0.7)))
+    with with_processor(h["ref"].unet, h["modules"], 0.7):
+        want = reference_images(h["ref"], sampler, "a house", "", 7.5, lat, 6)
+    assert np.abs(got - want).max() <= TOLERANCE
+
+
+def test_img2img_matches_diffusers(monkeypatch, hn):
+    from diffusers import StableDiffusionImg2ImgPipeline
+
+    h = hn["sd1"]
+    draws = Draws(monkeypatch)
+    got = pixels(h["pipe"].img2img(photo(), f"a red circle <hypernet:{h['name']}:0.7>", strength=0.7, steps=8,
+                                   seed=4))
+    ref = StableDiffusionImg2ImgPipeline(**h["ref"].components)
+    ref.set_progress_bar_config(disable=True)
+    use_scheduler(ref, "euler")
+    draws.replay({VAE_MODULE: [0], "diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion_img2img": [1]})
+    with with_processor(ref.unet, h["modules"], 0.7):
+        want = ref("a red circle", image=photo(), strength=0.7, num_inference_steps=8, output_type="np").images
+    assert np.abs(got - (want * 255).round() / 255).max() <= TOLERANCE
+    assert h["pipe"].inpaint(photo(), photo().convert("L"), "x <hypernet:%s:0.5>" % h["name"], steps=2, seed=1)
+
+
+# Every activation A1111 names or adds by name, each with its own structure (layer norm, dropout gaps,
+# activate_output both ways); checked at the U-Net: sdrt's variant graph against diffusers' U-Net + the rule.
+ACTIVATION_CASES = [
+    ("linear", {}), ("relu", {"layer_norm": True}), ("leakyrelu", {"activate_output": True}),
+    ("elu", {"dropout_structure": (0, 0.1, 0.1, 0), "layer_structure": (1, 2, 2, 1)}), ("swish", {}),
+    ("tanh", {"layer_norm": True, "activate_output": True}), ("sigmoid", {}), ("gelu", {"layer_norm": True}),
+    ("silu", {}), ("mish", {}), ("softsign", {}), ("softplus", {}), ("selu", {}), ("celu", {}), ("relu6", {}),
+    ("hardtanh", {}), ("hardsigmoid", {"activate_output": True}), ("hardswish", {}), ("prelu", {}),
+    ("logsigmoid", {}), ("tanhshrink", {}), ("hardshrink", {}), ("softshrink", {}), ("rrelu", {}),
+    ("relu", {"activate_output": None}),  # no activate_output key: A1111 reads True
+    ("linear", {"legacy": True}),  # the first format: linear1 / linear2
+    ("relu", {"text_only": True}),  # a text-only file (768 only, in a released SD 1.x)
+]
+
+
+@pytest.fixture(scope="module")
+def sweep(hn, tmp_path_factory):
+    """A copy of the SD2 bundle for the activation sweep (each case adds a variant)."""
+    bundle = tmp_path_factory.mktemp("sweep") / "bundle"
+    shutil.copytree(hn["sd2"]["bundle"], bundle)
+    return bundle
+
+
+@pytest.mark.parametrize("activation,options", ACTIVATION_CASES,
+                         ids=[f"{a}-{'-'.join(o) or 'plain'}" for a, o in ACTIVATION_CASES])
+def test_every_activation_and_structure_matches_torch(hn, sweep, tmp_path, activation, options):
+    from sdrt.export import add_hypernetwork
+    from sdrt.runtime import names
+    from sdrt.runtime.engines import OrtEngine
+
+    options = dict(options)
+    widths = [TEXT["sd2"]] if options.pop("text_only", False) else [32, TEXT["sd2"], 64]
+    name = f"{activation}_{len(list(sweep.glob('unet/hypernet/*.onnx')))}"
+    file = tmp_path / f"{name}.pt"
+    modules = write_a1111(file, widths, activation=activation, std=0.8, seed=3, **options)
+    add_hypernetwork(sweep, file, allow_pickle=True, log=lambda *_: None)
+    entry = json.loads((sweep / "sdrt.json").read_text())["hypernetworks"][name]
+    assert entry["widths"] == widths and entry["file"] == file.name
+    unet = hn["sd2"]["ref"].unet
+    rng = np.random.default_rng(0)
+    feeds = {names.SAMPLE: rng.standard_normal((2, 4, 8, 8), dtype=np.float32),
+             names.TIMESTEP: np.array([500.0, 20.0], np.float32),
+             names.ENCODER_HIDDEN_STATES: rng.standard_normal((2, 77, TEXT["sd2"]), dtype=np.float32)}
+    t = {k: torch.from_numpy(v) for k, v in feeds.items()}
+    with torch.no_grad():
+        plain = unet(t[names.SAMPLE], t[names.TIMESTEP], encoder_hidden_states=t[names.ENCODER_HIDDEN_STATES]).sample
+        with with_processor(unet, modules, 0.9):
+            want = unet(t[names.SAMPLE], t[names.TIMESTEP], encoder_hidden_states=t[names.ENCODER_HIDDEN_STATES]).sample
+    want, plain = want.numpy(), plain.numpy()
+    assert np.linalg.norm(want - plain) / np.linalg.norm(plain) > 1e-3, "the file should change the U-Net"
+    for graph in ("onnx", "cpu.onnx"):
+        engine = OrtEngine(sweep / f"unet/hypernet/{name}.{graph}", "variant", data_dir=sweep / "unet")
+        got = engine(**feeds, **{names.HYPERNETWORK_STRENGTH: np.float32(0.9)})[names.OUT_SAMPLE]
+        err = np.linalg.norm(got - want) / np.linalg.norm(want)
+        assert err < 1e-4, f"{graph}: relative error {err:.2e}"
+
+
+def _evil_pickle(path):
+    """A torch-zip .pt whose pickle calls os.system: the restricted unpickler must refuse it, not run it."""
+    class Evil:
+        def __reduce__(self):
+            return (__import__("os").system, ("echo pwned > /dev/null",))
+
+    with zipfile.ZipFile(path, "w") as z:
+        z.writestr("evil/data.pkl", pickle.dumps({768: Evil()}))
+
+
+def test_bad_files_are_refused_with_what_to_do(hn, tmp_path):
+    from sdrt.export import add_hypernetwork
+    from sdrt.export.hypernet_file import read_hypernetwork
+
+    sd1, sd2 = hn["sd1"], hn["sd2"]
+    with pytest.raises(PickleRefused, match="--allow-pickle"):
+        read_hypernetwork(sd1["file"])
+    _evil_pickle(tmp_path / "evil.pt")
+    with pytest.raises(InvalidRequest, match="refusing to load posix.system|refusing to load os.system"):
+        read_hypernetwork(tmp_path / "evil.pt", allow_pickle=True)
+    write_a1111(tmp_path / "soft.pt", [32], activation="relu")
+    data = torch.load(tmp_path / "soft.pt", weights_only=True)
+    corrupt = {
+        "unknown_act": ({**data, "activation_func": "softmax"}, "uses activation 'softmax', which sdrt does not know"),
+        "bad_chain": ({**data, 32: ({"linear.0.weight": torch.zeros(64, 32), "linear.0.bias": torch.zeros(64),
+                                     "linear.1.weight": torch.zeros(32, 48), "linear.1.bias": torch.zeros(32)},
+                                    data[32][1])}, "width 32 K: a Linear takes 48 features where 64 arrive"),
+        "bad_key": ({**data, 32: ({"linear.0.scale": torch.zeros(3)}, data[32][1])}, "unexpected entry 'linear.0.scale'"),
+        "not_pair": ({**data, 32: torch.zeros(3)}, "width 32 holds a tensor, not a (K, V) pair"),
+        "empty": ({"activation_func": "relu"}, "holds no modules"),
+        "nan": ({**data, 32: ({k: v * float("nan") for k, v in data[32][0].items()}, data[32][1])}, "NaN or Inf"),
+    }
+    for name, (content, message) in corrupt.items():
+        torch.save(content, tmp_path / f"{name}.pt")
+        with pytest.raises(InvalidRequest, match=re.escape(message)):
+            read_hypernetwork(tmp_path / f"{name}.pt", allow_pickle=True)
+    (tmp_path / "x.safetensors").write_bytes(b"")
+    with pytest.raises(InvalidRequest, match="is not a .pt file"):
+        read_hypernetwork(tmp_path / "x.safetensors", allow_pickle=True)
+    shutil.copy(sd1["file"], tmp_path / "bad name.pt")
+    with pytest.raises(InvalidRequest, match="has characters other than"):
+        read_hypernetwork(tmp_path / "bad name.pt", allow_pickle=True)
+    # A file for the other family: SD1's text module (48) on SD2's model (text 40), as 768 on SD 2.x.
+    shutil.copy(sd1["file"], tmp_path / "other_family.pt")
+    before = (sd2["bundle"] / "sdrt.json").read_bytes()
+    with pytest.raises(InvalidRequest, match=r"widths \[32, 48, 64\].*text width 40: it was made for another model"):
+        add_hypernetwork(sd2["bundle"], tmp_path / "other_family.pt", allow_pickle=True, log=lambda *_: None)
+    write_a1111(tmp_path / f"{sd2['name']}.pt", [32, 40], seed=9)  # the bundle's name, another file
+    with pytest.raises(InvalidRequest, match="already has a hypernetwork named 'sd2_style' from another file"):
+        add_hypernetwork(sd2["bundle"], tmp_path / f"{sd2['name']}.pt", allow_pickle=True, log=lambda *_: None)
+    assert (sd2["bundle"] / "sdrt.json").read_bytes() == before  # nothing was changed
+    assert sorted(p.name for p in (sd2["bundle"] / "unet/hypernet").iterdir()) == \
+        ["sd2_style.cpu.onnx", "sd2_style.onnx", "sd2_style.onnx_data"]
+    add_hypernetwork(sd2["bundle"], sd2["file"], allow_pickle=True, log=lambda *_: None)  # the same file: no-op
+    assert (sd2["bundle"] / "sdrt.json").read_bytes() == before
+    sdrt.Pipeline.load(sd2["bundle"])  # hashes still check
+
+
+def test_bad_requests_are_refused_with_what_to_do(hn):
+    pipe, name = hn["sd1"]["pipe"], hn["sd1"]["name"]
+    cases = [
+        ({"prompt": "a <hypernet:nope:1>"}, "hypernetwork 'nope' is not in this bundle (it has: sd1_style); add its "
+                                            "file with `sdrt hypernetwork add BUNDLE FILE.pt`"),
+        ({"prompt": f"a <hypernet:{name}> <hypernet:{name}:0.5>"}, f"the prompt asks for two hypernetworks, "
+                                                                   f"<hypernet:{name}:1> and <hypernet:{name}:0.5>"),
+        ({"prompt": f"a <hypernet:{name}:lots>"}, "has strength 'lots', not a finite number"),
+        ({"prompt": f"a <hypernet:{name}:0.5>", "hypernetwork": "other"}, "asks for two hypernetworks"),
+        ({"prompt": "a", "hypernetwork": (name, float("inf"))}, "not a finite number"),
+        ({"prompt": "a", "hypernetwork": 3}, "hypernetwork must be a name, 'name:strength' or (name, strength)"),
+    ]
+    for kwargs, message in cases:
+        with pytest.raises(InvalidRequest) as e:
+            pipe.txt2img(steps=1, **kwargs)
+        assert message in str(e.value)
+
+
+def test_export_refuses_two_files_of_one_name_before_any_work(hn, tmp_path):
+    from sdrt.export import export_bundle
+
+    (tmp_path / "a").mkdir()
+    shutil.copy(hn["sd1"]["file"], tmp_path / "a" / "same.pt")
+    shutil.copy(hn["sd1"]["file"], tmp_path / "same.pt")
+    with pytest.raises(InvalidRequest, match="two hypernetwork files are named 'same'"):
+        export_bundle(hn["sd1"]["src"], tmp_path / "out", hypernetworks=[tmp_path / "same.pt", tmp_path / "a/same.pt"],
+                      allow_pickle=True)
+    assert not (tmp_path / "out").exists()
+
+
+def test_cli_adds_lists_and_generates(hn, tmp_path, capsys):
+    bundle = tmp_path / "bundle"
+    shutil.copytree(hn["sd2"]["bundle"], bundle)
+    file = tmp_path / "ink.pt"
+    write_a1111(file, [32, 40, 64], activation="tanh", seed=5)
+    code, _, err = run(capsys, "hypernetwork", "add", bundle, file)
+    assert code == PickleRefused.exit_code and "--allow-pickle" in err and err.count("\n") == 1
+    code, out, err = run(capsys, "hypernetwork", "add", bundle, file, "--allow-pickle")
+    assert code == 0, err
+    assert "added hypernetwork 'ink'" in out and "checks passed" in err
+    code, out, _ = run(capsys, "info", bundle)
+    assert code == 0 and "hypernetwork ink: ink.pt" in out and "hypernetwork sd2_style" in out
+    png = tmp_path / "out.png"
+    code, out, err = run(capsys, "generate", "a cat", "--model", bundle, "--out", png, "--steps", "2", "--seed", "1",
+                         "--hypernetwork", "ink:0.6")
+    assert code == 0, err
+    from PIL import Image
+
+    assert Image.open(png).text["parameters"].startswith("a cat <hypernet:ink:0.6>\n")
+    code, _, err = run(capsys, "generate", "a cat", "--model", bundle, "--out", tmp_path / "no.png",
+                       "--hypernetwork", "missing")
+    assert code == 2 and err.startswith("error: hypernetwork 'missing' is not in this bundle (it has: ink, sd2_style)")
+    assert not (tmp_path / "no.png").exists()
