@@ -304,37 +304,11 @@ def depth2img_command(pipe, prompt, options, progress,
 def info(bundle: Path = typer.Argument(..., help="A bundle folder."),
          as_json: bool = typer.Option(False, "--json", help="Print the manifest as JSON.")):
     """Check a bundle's files against its manifest and describe it."""
-    from .runtime import names
+    from .info import describe
     from .runtime.manifest import load_manifest
-    from .runtime.samplers import SAMPLERS
-    from .runtime.watermark import payload_for, watermark_available
 
     m = load_manifest(bundle)
-    if as_json:
-        typer.echo(json.dumps(m.to_json(), indent=2))
-        return
-    typer.echo(f"bundle       {bundle}  ({'all files match their sha256' if m.hashed else 'not hashed: no sdrt.json'})")
-    typer.echo(f"model        hash {m.model_hash}, {m.prediction_type}, default size {m.default_width}x{m.default_height}")
-    typer.echo(f"latents      {m.latent_channels} channels, 1/{m.vae_scale_factor} of the image, "
-               f"VAE scaling factor {m.vae_scaling_factor}")
-    typer.echo(f"text         {m.tokenizer_max_length} tokens, pad id {m.tokenizer_pad_id}, hidden size {m.text_hidden_size}")
-    for comp, g in m.graphs.items():
-        ins = ", ".join(f"{t.name} {t.dtype}{list(t.shape)}" for t in g.inputs) or "read from the graph"
-        typer.echo(f"{comp + ' ':<13}{g.path}: {ins}")
-        if comp in m.cpu_graphs:
-            what = "fused attention and Winograd convolutions" if names.is_unet(comp) else "Winograd convolutions"
-            typer.echo(f"{'':<13}{m.cpu_graphs[comp]}: the same with {what}, for ONNX Runtime on the CPU")
-        if comp in m.int8_graphs:
-            typer.echo(f"{'':<13}{m.int8_graphs[comp]}: the same with int8 MatMuls (--int8)")
-    for name, h in m.hypernetworks.items():
-        typer.echo(f"hypernetwork {name}: {h['file']} (sha256 {h['sha256'][:10]}), widths "
-                   f"{', '.join(map(str, h['widths']))}: <hypernet:{name}:1>")
-    typer.echo("samplers     " + ", ".join(f"{c.name} ({c.label})" for c in SAMPLERS.values()))
-    typer.echo("watermark    " + (f"active: dwtDct, payload {payload_for(m.text_hidden_size)!r}, on images of at least "
-                                  "256x256 (--no-watermark to skip)" if watermark_available()
-                                  else "off: install it with pip install 'sdrt[watermark]'"))
-    if m.versions:
-        typer.echo("exported by  " + ", ".join(f"{k} {v}" for k, v in m.versions.items()))
+    typer.echo(json.dumps(m.to_json(), indent=2) if as_json else "\n".join(describe(bundle, m)))
 
 
 @app.command("bench")
@@ -379,6 +353,8 @@ def build(
     engines: Path = typer.Option(Path("engines"), "--engines", help="The engine store folder."),
     workspace: Optional[float] = typer.Option(None, "--workspace", help="TensorRT workspace limit in GiB."),
     chunks: int = typer.Option(1, "--chunks", help="Longest prompt the engines take, in 77-token chunks."),
+    hypernetwork: list[str] = typer.Option([], "--hypernetwork", help="Also build the U-Net variant of this "
+                                           "hypernetwork of the bundle (repeatable; see `sdrt info`)."),
 ):
     """Build TensorRT engines of a bundle for this GPU (needs an NVIDIA GPU, TensorRT and cuda-python)."""
     from .export.build import build_engines
@@ -389,7 +365,7 @@ def build(
     if height is not None:
         sizes.append((height, width))
     built = build_engines(bundle, sizes or None, batch, precision, engines, workspace,
-                          log=lambda m: typer.echo(m, err=True), chunks=chunks)
+                          log=lambda m: typer.echo(m, err=True), chunks=chunks, hypernetworks=hypernetwork)
     for m in built:
         typer.echo(f"{m['key']}  ({m['precision']}, {m['plan']['bytes'] / 2**20:.0f} MiB)")
 

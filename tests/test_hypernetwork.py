@@ -312,3 +312,38 @@ def test_cli_adds_lists_and_generates(hn, tmp_path, capsys):
                        "--hypernetwork", "missing")
     assert code == 2 and err.startswith("error: hypernetwork 'missing' is not in this bundle (it has: ink, sd2_style)")
     assert not (tmp_path / "no.png").exists()
+
+
+def test_tensorrt_side_specs_digests_and_the_graph_its_parser_reads(hn, tmp_path):
+    """What `sdrt build --hypernetwork NAME` builds from, on the CPU: the engine specs (the U-Net's shapes and a
+    scalar strength), the files its identity covers, and the graph TensorRT parses (weights gathered beside
+    it, fp32 and fp16) run by ONNX Runtime against the bundle's variant."""
+    from sdrt.export.passes.fp16 import convert_file
+    from sdrt.runtime import names
+    from sdrt.runtime.engines import OrtEngine
+    from sdrt.runtime.engines.store import onnx_digests
+    from sdrt.runtime.engines.trt_profiles import engine_specs
+    from sdrt.runtime.manifest import load_manifest
+
+    h = hn["sd2"]
+    m = load_manifest(h["bundle"])
+    comp = names.hypernet_component(h["name"])
+    specs = {s.component: s for s in engine_specs(m, [64], batch=2, hypernetworks=[h["name"]])}
+    assert specs[comp].key == f"{comp}-64x64-b4-t77-fp16"
+    assert specs[comp].input_shapes == {**specs[names.UNET].input_shapes, names.HYPERNETWORK_STRENGTH: ()}
+    with pytest.raises(InvalidRequest, match="hypernetwork 'nope' is not in this bundle"):
+        engine_specs(m, [64], hypernetworks=["nope"])
+    assert not any("hypernet/" in rel for rel in onnx_digests(m, names.UNET))  # adding one keeps U-Net engines
+    assert set(onnx_digests(m, comp)) == set(onnx_digests(m, names.UNET)) | {
+        f"unet/hypernet/{h['name']}.{ext}" for ext in ("onnx", "cpu.onnx", "onnx_data")}
+    rng = np.random.default_rng(1)
+    feeds = {names.SAMPLE: rng.standard_normal((2, 4, 8, 8), dtype=np.float32),
+             names.TIMESTEP: np.array([700.0, 300.0], np.float32),
+             names.ENCODER_HIDDEN_STATES: rng.standard_normal((2, 77, TEXT["sd2"]), dtype=np.float32),
+             names.HYPERNETWORK_STRENGTH: np.float32(0.8)}
+    src = h["bundle"] / f"unet/hypernet/{h['name']}.onnx"
+    want = OrtEngine(src, comp, data_dir=h["bundle"] / "unet")(**feeds)[names.OUT_SAMPLE]
+    for fp16, limit in ((False, 1e-6), (True, 1e-2)):
+        out = convert_file(src, tmp_path / str(fp16), h["bundle"] / "unet", fp16)
+        got = OrtEngine(out, comp)(**feeds)[names.OUT_SAMPLE]  # its weights beside it, as the parser reads them
+        assert np.linalg.norm(got - want) / np.linalg.norm(want) < limit, fp16

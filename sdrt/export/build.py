@@ -147,9 +147,11 @@ class _Builder:
 
     def graph(self, component: str, fp16: bool) -> Path:
         """The ONNX graph to parse: the bundle's, or its fp16 conversion (made once per component)."""
-        src = self.bundle / self.manifest.graphs[component].path
-        if not fp16 or not network_flags(self.trt)[1]:
-            return src
+        rel = self.manifest.graphs[component].path
+        src, data_dir = self.bundle / rel, self.bundle / names.data_dir(rel)
+        convert = fp16 and network_flags(self.trt)[1]
+        if not convert and data_dir == src.parent:
+            return src  # the parser reads model.onnx_data beside it
         if (component, fp16) not in self.graphs:
             try:
                 import onnx  # noqa: F401
@@ -158,8 +160,9 @@ class _Builder:
                                         "needs onnx: pip install onnx (or build with --precision fp32)") from None
             from .passes.fp16 import convert_file
 
-            self.log(f"{component}: converting the graph to fp16 for a strongly typed network")
-            self.graphs[(component, fp16)] = convert_file(src, self.scratch / component)
+            self.log(f"{component}: " + ("converting the graph to fp16 for a strongly typed network" if convert
+                                         else "gathering the graph's weights beside it for the parser"))
+            self.graphs[(component, fp16)] = convert_file(src, self.scratch / component, data_dir, convert)
         return self.graphs[(component, fp16)]
 
     def build(self, spec: EngineSpec, fp16: bool):
@@ -186,16 +189,16 @@ class _Builder:
 
 
 def build_engines(bundle, sizes=None, batch: int = 1, precision: str = "fp16", engines_dir=None,
-                  workspace_gb: float | None = None, log=print, chunks: int = 1) -> list[dict]:
+                  workspace_gb: float | None = None, log=print, chunks: int = 1, hypernetworks=()) -> list[dict]:
     """Build (or reuse) every engine the bundle needs for `sizes` [(h, w)] (default: the bundle's own size:
-    512 for SD 1.x, 768 for SD 2.x v-prediction), image batch `batch`, prompts up to 77·`chunks` tokens.
-    Returns the engines' manifests."""
+    512 for SD 1.x, 768 for SD 2.x v-prediction), image batch `batch`, prompts up to 77·`chunks` tokens, and the
+    U-Net variants of the named `hypernetworks`. Returns the engines' manifests."""
     from ..doctor import build_preflight
 
     trt, rt, gpu = build_preflight()
     bundle = Path(bundle).expanduser()
     manifest = load_manifest(bundle)  # hashes checked: engines are tied to these exact graph files
-    specs = engine_specs(manifest, sizes or default_sizes(manifest), batch, precision, chunks)
+    specs = engine_specs(manifest, sizes or default_sizes(manifest), batch, precision, chunks, hypernetworks)
     store = EngineStore(resolve_engines_dir(engines_dir), bundle, manifest, gpu, trt.__version__)
     store.dir.mkdir(parents=True, exist_ok=True)
     log(f"building {len(specs)} engines for {gpu.name} (sm {gpu.compute_capability}, TensorRT {trt.__version__}) "

@@ -22,10 +22,11 @@ from ..errors import ExportFailed, InvalidRequest, OutputNotWritable
 from ..runtime import names, request
 from ..runtime.engines import native_ops
 from ..runtime.fsutil import atomic_write_bytes, fsync_dir, make_temp_dir, relax_permissions, sha256_file
-from ..runtime.manifest import GraphSpec, Manifest, TensorSpec
+from ..runtime.manifest import Manifest
 from ..runtime.tokenizer import ClipTokenizer, load_tokenizer_files
 from . import hypernetwork as hypernet_mod
 from . import trace, verify
+from .trace import graph_spec
 from .families import ExportFamily, family_for
 from .passes import PassContext, Unsupported, cpu_graph, native_graph, winograd
 from .passes import int8 as int8_mod
@@ -47,24 +48,6 @@ TOKENIZER_CORPUS = [
     "don't it's we'll I'm you've they're she'd", "x" * 300,
     ", ".join(["masterpiece", "best quality", "ultra detailed"] * 12), "line\nbreak\ttab",
 ]
-
-
-def _tensor_specs(values) -> tuple[TensorSpec, ...]:
-    from onnx.helper import tensor_dtype_to_np_dtype
-
-    out = []
-    for v in values:
-        t = v.type.tensor_type
-        shape = tuple(d.dim_value if d.HasField("dim_value") else (d.dim_param or "?") for d in t.shape.dim)
-        out.append(TensorSpec(v.name, str(tensor_dtype_to_np_dtype(t.elem_type)), shape))
-    return tuple(out)
-
-
-def graph_spec(path: Path, rel: str) -> GraphSpec:
-    import onnx
-
-    model = onnx.load(str(path), load_external_data=False)
-    return GraphSpec(rel, _tensor_specs(model.graph.input), _tensor_specs(model.graph.output))
 
 
 def check_tokenizer(src_tokenizer: Path) -> tuple[ClipTokenizer, int]:

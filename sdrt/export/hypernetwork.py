@@ -27,6 +27,7 @@ from ..runtime import names
 from ..runtime.engines import OrtEngine
 from ..runtime.fsutil import atomic_write_bytes, sha256_file
 from . import verify
+from .trace import graph_spec
 from .hypernet_file import Hypernetwork, Module, check_widths, read_hypernetwork
 from .passes import hypernet as bake_pass
 
@@ -208,8 +209,6 @@ def _check_modules(unet_dir: Path, variant: str, hn: Hypernetwork, rewired: list
 def bake_into(bundle: Path, hn: Hypernetwork, feeds: dict[str, np.ndarray], torch_unet=None, log=print) -> dict:
     """Write and check `hn`'s variants in `bundle` (a bundle being exported, or one that exists); on failure
     delete what was written. Returns the manifest entries: {"graphs", "cpu_graphs", "hypernetworks", "errors"}."""
-    from .bundle import graph_spec  # bundle.py calls this module: import at use
-
     unet_dir, comp = bundle / names.UNET, names.hypernet_component(hn.name)
     written = [unet_dir / rel for rel in [*_variant_files(hn.name).values(),
                                           f"{names.HYPERNET_FOLDER}/{hn.name}.onnx_data"]]

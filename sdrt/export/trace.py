@@ -12,6 +12,7 @@ import warnings
 from pathlib import Path
 
 from ..runtime import names
+from ..runtime.manifest import GraphSpec, TensorSpec
 
 OPSET = 17
 EXTERNAL_DATA_THRESHOLD = 1_800_000_000  # bytes of weights above which a graph keeps them beside it (protobuf's 2 GB cap)
@@ -48,3 +49,21 @@ def export_onnx(module, inputs, input_names, output_names, dynamic_axes, out_dir
         mapping = weight_map.build(weight_map.targets(module.m), digests, saved)
         (out_dir / names.LORA_MAP_FILE).write_text(json.dumps(mapping, indent=1) + "\n")
     return target
+
+
+def _tensor_specs(values) -> tuple[TensorSpec, ...]:
+    from onnx.helper import tensor_dtype_to_np_dtype
+
+    out = []
+    for v in values:
+        t = v.type.tensor_type
+        shape = tuple(d.dim_value if d.HasField("dim_value") else (d.dim_param or "?") for d in t.shape.dim)
+        out.append(TensorSpec(v.name, str(tensor_dtype_to_np_dtype(t.elem_type)), shape))
+    return tuple(out)
+
+
+def graph_spec(path: Path, rel: str) -> GraphSpec:
+    import onnx
+
+    model = onnx.load(str(path), load_external_data=False)
+    return GraphSpec(rel, _tensor_specs(model.graph.input), _tensor_specs(model.graph.output))

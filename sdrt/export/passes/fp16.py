@@ -130,9 +130,10 @@ def _replace(g, nodes, new_inits) -> None:
     del g.value_info[:]  # types changed; TensorRT and ONNX Runtime infer them again
 
 
-def convert_file(src: Path, dst_dir: Path) -> Path:
-    """src (model.onnx, weights beside it) -> dst_dir/model.onnx + model.onnx_data in fp16. Works for graphs
-    over 2 GB: shape inference runs file to file, and the weights are saved as external data."""
+def convert_file(src: Path, dst_dir: Path, data_dir: Path | None = None, fp16: bool = True) -> Path:
+    """src (model.onnx, weights beside it or in data_dir) -> dst_dir/model.onnx + model.onnx_data in fp16 (or,
+    fp16=False, as it is: a hypernetwork variant's weights gathered beside it for TensorRT's parser). Works for
+    graphs over 2 GB: shape inference runs file to file, and the weights are saved as external data."""
     import onnx
     from onnx.external_data_helper import load_external_data_for_model
 
@@ -145,8 +146,9 @@ def convert_file(src: Path, dst_dir: Path) -> Path:
         model = onnx.load(str(src), load_external_data=False)
     finally:
         inferred.unlink(missing_ok=True)
-    load_external_data_for_model(model, str(src.parent))
-    convert_model(model)
+    load_external_data_for_model(model, str(data_dir or src.parent))
+    if fp16:
+        convert_model(model)
     out = dst_dir / "model.onnx"
     onnx.save_model(model, str(out), save_as_external_data=True, all_tensors_to_one_file=True,
                     location="model.onnx_data", size_threshold=1024)

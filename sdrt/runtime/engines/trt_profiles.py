@@ -107,7 +107,10 @@ def _fill(declared: tuple, wanted: tuple[int, ...], component: str, name: str) -
 
 
 def _shapes(manifest: Manifest, component: str, rows: int, h: int, w: int, tokens: int) -> dict[str, tuple]:
-    want = manifest.model_family.input_shapes(manifest, component, rows, h, w, tokens)
+    base = names.UNET if names.is_unet(component) else component  # a hypernetwork variant: the U-Net's + strength
+    want = manifest.model_family.input_shapes(manifest, base, rows, h, w, tokens)
+    if base != component:
+        want[names.HYPERNETWORK_STRENGTH] = ()
     declared = _inputs(manifest, component)
     unknown = [n for n in declared if n not in want]
     if unknown:
@@ -116,8 +119,9 @@ def _shapes(manifest: Manifest, component: str, rows: int, h: int, w: int, token
 
 
 def engine_specs(manifest: Manifest, sizes, batch: int = 1, precision: str = "fp16",
-                 chunks: int = 1) -> list[EngineSpec]:
-    """Every engine a pipeline needs for `sizes` at image batch `batch` and prompts of up to `chunks` × 77 tokens."""
+                 chunks: int = 1, hypernetworks=()) -> list[EngineSpec]:
+    """Every engine a pipeline needs for `sizes` at image batch `batch` and prompts of up to `chunks` × 77 tokens;
+    hypernetworks: names of the bundle's hypernetworks whose U-Net variants to build too (at the U-Net's shapes)."""
     precision = check_precision(precision)
     if isinstance(batch, bool) or not isinstance(batch, int) or not 1 <= batch <= 64:
         raise InvalidRequest(f"batch must be an integer from 1 to 64, got {batch!r}")
@@ -125,18 +129,28 @@ def engine_specs(manifest: Manifest, sizes, batch: int = 1, precision: str = "fp
         raise InvalidRequest(f"prompt chunks (77 tokens each) must be from 1 to {MAX_CHUNKS}, got {chunks!r}")
     tokens = manifest.tokenizer_max_length * chunks
     sizes = check_sizes(sizes, manifest.vae_scale_factor)
+    variants = [_variant(manifest, name) for name in hypernetworks]
     text_rows = 2 * chunks
     specs = [EngineSpec(comp, text_rows, None, None, manifest.tokenizer_max_length, precision,
                         tuple(_shapes(manifest, comp, text_rows, 0, 0, tokens).items()))
              for comp in manifest.model_family.text_components if comp in manifest.graphs]
     for h, w in sizes:
-        for comp, rows, toks in ((names.UNET, 2 * batch, tokens), (names.VAE_DECODER, batch, None),
-                                 (names.VAE_ENCODER, 1, None)):
+        for comp, rows, toks in ((names.UNET, 2 * batch, tokens), *((v, 2 * batch, tokens) for v in variants),
+                                 (names.VAE_DECODER, batch, None), (names.VAE_ENCODER, 1, None)):
             if comp not in manifest.graphs:
                 continue  # a bundle without a VAE encoder: txt2img only
             specs.append(EngineSpec(comp, rows, h, w, toks, precision,
                                     tuple(_shapes(manifest, comp, rows, h, w, tokens).items())))
     return specs
+
+
+def _variant(manifest: Manifest, name: str) -> str:
+    entry = manifest.hypernetworks.get(name)
+    if entry is None:
+        have = ", ".join(sorted(manifest.hypernetworks)) or "none"
+        raise InvalidRequest(f"hypernetwork {name!r} is not in this bundle (it has: {have}); add it with "
+                             "`sdrt hypernetwork add BUNDLE FILE.pt` first")
+    return entry["component"]
 
 
 def fit(engine_shapes: dict[str, tuple], feed_shapes: dict[str, tuple]) -> int | None:
