@@ -100,6 +100,8 @@ def test_strength_zero_is_the_plain_unet_exactly_and_the_png_carries_the_tag(hn)
     assert np.array_equal(np.asarray(tagged), np.asarray(option)) and np.array_equal(np.asarray(option),
                                                                                      np.asarray(named))
     assert option.info["parameters"].splitlines()[0] == f"a cat <hypernet:{h['name']}:0.8>"
+    both = h["pipe"].txt2img(f"a cat <hypernet:{h['name']}:0.8>", hypernetwork=h["name"], steps=4, seed=3)[0]
+    assert np.array_equal(np.asarray(both), np.asarray(tagged))  # the prompt's own tag wins, as in A1111
     default = h["pipe"].txt2img(f"a cat <hypernet:{h['name']}>", steps=4, seed=3)[0]
     one = h["pipe"].txt2img(f"a cat <hypernet:{h['name']}:1>", steps=4, seed=3)[0]
     assert np.array_equal(np.asarray(default), np.asarray(one))  # A1111's default strength: 1
@@ -347,3 +349,25 @@ def test_tensorrt_side_specs_digests_and_the_graph_its_parser_reads(hn, tmp_path
         out = convert_file(src, tmp_path / str(fp16), h["bundle"] / "unet", fp16)
         got = OrtEngine(out, comp)(**feeds)[names.OUT_SAMPLE]  # its weights beside it, as the parser reads them
         assert np.linalg.norm(got - want) / np.linalg.norm(want) < limit, fp16
+
+
+def test_a_failed_add_leaves_the_bundle_as_it_was(hn, tmp_path, monkeypatch):
+    """Fault injected where real parts can't fail on demand: the disk fills while the manifest is written."""
+    from sdrt.errors import OutputNotWritable
+    from sdrt.export import add_hypernetwork
+    from sdrt.export import hypernetwork as module
+
+    bundle = tmp_path / "bundle"
+    shutil.copytree(hn["sd1"]["bundle"], bundle)
+    before = sorted(p.relative_to(bundle).as_posix() for p in bundle.rglob("*"))
+    file = tmp_path / "late.pt"
+    write_a1111(file, [32, 48], seed=7)
+
+    def full(*_):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(module, "atomic_write_bytes", full)
+    with pytest.raises(OutputNotWritable, match="No space left on device.*the bundle was left as it was"):
+        add_hypernetwork(bundle, file, allow_pickle=True, log=lambda *_: None)
+    assert sorted(p.relative_to(bundle).as_posix() for p in bundle.rglob("*") if p.name != ".sdrt.lock") == before
+    assert "late" not in sdrt.Pipeline.load(bundle).manifest.hypernetworks

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..errors import ExportFailed, InvalidRequest
+from ..errors import ExportFailed, InvalidRequest, OutputNotWritable
 from ..runtime import names
 from ..runtime.engines import OrtEngine
 from ..runtime.fsutil import atomic_write_bytes, sha256_file
@@ -210,8 +210,6 @@ def bake_into(bundle: Path, hn: Hypernetwork, feeds: dict[str, np.ndarray], torc
     """Write and check `hn`'s variants in `bundle` (a bundle being exported, or one that exists); on failure
     delete what was written. Returns the manifest entries: {"graphs", "cpu_graphs", "hypernetworks", "errors"}."""
     unet_dir, comp = bundle / names.UNET, names.hypernet_component(hn.name)
-    written = [unet_dir / rel for rel in [*_variant_files(hn.name).values(),
-                                          f"{names.HYPERNET_FOLDER}/{hn.name}.onnx_data"]]
     try:
         rewired, widths = write_variant(unet_dir, hn)
         expected = None
@@ -224,10 +222,7 @@ def bake_into(bundle: Path, hn: Hypernetwork, feeds: dict[str, np.ndarray], torc
                                       encoder_hidden_states=t[names.ENCODER_HIDDEN_STATES]).sample.numpy()
         errors = check_variant(unet_dir, hn, rewired, feeds, expected)
     except BaseException:
-        for path in written:
-            path.unlink(missing_ok=True)
-        with contextlib.suppress(OSError):
-            (unet_dir / names.HYPERNET_FOLDER).rmdir()  # only when empty
+        remove_variant(unet_dir, hn.name)
         raise
     plain, cpu = (f"{names.UNET}/{rel}" for rel in _variant_files(hn.name).values())
     log(f"hypernetwork {hn.name}: {len(rewired[next(iter(rewired))])} attention inputs rewired (widths "
@@ -239,6 +234,14 @@ def bake_into(bundle: Path, hn: Hypernetwork, feeds: dict[str, np.ndarray], torc
             "hypernetworks": {hn.name: {"component": comp, "file": hn.path.name, "sha256": hn.sha256,
                                         "widths": widths}},
             "errors": {f"{comp}: {k}": v for k, v in errors.items()}}
+
+
+def remove_variant(unet_dir: Path, name: str) -> None:
+    """Delete what write_variant wrote for `name` (and the hypernet folder when that leaves it empty)."""
+    for rel in [*_variant_files(name).values(), f"{names.HYPERNET_FOLDER}/{name}.onnx_data"]:
+        (unet_dir / rel).unlink(missing_ok=True)
+    with contextlib.suppress(OSError):
+        (unet_dir / names.HYPERNET_FOLDER).rmdir()  # only when empty
 
 
 def read_all(files, allow_pickle: bool) -> list[Hypernetwork]:
@@ -294,16 +297,29 @@ def add_hypernetwork(bundle: str | Path, file: str | Path, allow_pickle: bool = 
     if manifest.format_version != FORMAT_VERSION:
         raise InvalidRequest(f"{str(bundle)!r} has format version {manifest.format_version}; re-export it with "
                              "this sdrt to add hypernetworks")
-    with _bundle_lock(bundle):
-        manifest = load_manifest(bundle)  # again, under the lock: another add may have written it meanwhile
-        known = manifest.hypernetworks.get(hn.name)
-        if known is not None:
-            if known["sha256"] == hn.sha256:
-                log(f"hypernetwork {hn.name}: already in {bundle}")
-                return hn.name
+    try:
+        with _bundle_lock(bundle):
+            _add_locked(bundle, hn, log)
+    except OSError as e:  # a read-only bundle, a full disk: the manifest is written last, so it is unchanged
+        raise OutputNotWritable(f"adding hypernetwork {hn.name!r} to {str(bundle)!r} failed ({e.strerror or e}); "
+                                "the bundle was left as it was. Check the free space and permissions of its "
+                                "folder") from None
+    return hn.name
+
+
+def _add_locked(bundle: Path, hn: Hypernetwork, log) -> None:
+    from ..runtime.manifest import load_manifest
+
+    manifest = load_manifest(bundle)  # again, under the lock: another add may have written it meanwhile
+    known = manifest.hypernetworks.get(hn.name)
+    if known is not None:
+        if known["sha256"] != hn.sha256:
             raise InvalidRequest(f"{str(bundle)!r} already has a hypernetwork named {hn.name!r} from another file "
                                  f"(sha256 {known['sha256'][:10]}); rename the new file")
-        entries = bake_into(bundle, hn, check_feeds(manifest), log=log)
+        log(f"hypernetwork {hn.name}: already in {bundle}")
+        return
+    entries = bake_into(bundle, hn, check_feeds(manifest), log=log)
+    try:
         raw = json.loads((bundle / names.MANIFEST_FILE).read_text(encoding="utf-8"))
         manifest.graphs.update(entries["graphs"])
         manifest.cpu_graphs.update(entries["cpu_graphs"])
@@ -315,4 +331,6 @@ def add_hypernetwork(bundle: str | Path, file: str | Path, allow_pickle: bool = 
         data = {**raw, **manifest.to_json()}
         data.setdefault("verification", {}).setdefault("errors", {}).update(entries["errors"])
         atomic_write_bytes(bundle / names.MANIFEST_FILE, (json.dumps(data, indent=2) + "\n").encode())
-    return hn.name
+    except BaseException:  # the manifest is unchanged (atomic write): drop the unlisted files too
+        remove_variant(bundle / names.UNET, hn.name)
+        raise

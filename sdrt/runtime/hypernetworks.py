@@ -72,6 +72,15 @@ def parse_option(value) -> tuple[str, float] | None:
     raise InvalidRequest(f"hypernetwork must be a name, 'name:strength' or (name, strength), got {value!r}")
 
 
+def add_option(prompt: str, option) -> str:
+    """The prompt with the hypernetwork= option as a tag at its end, unless the prompt already names that
+    hypernetwork (then its own tag wins), as A1111's "Add hypernetwork to prompt" setting does."""
+    chosen = parse_option(option)
+    if chosen is None or chosen[0] in [name for name, _ in parse_tags(prompt)]:
+        return prompt
+    return f"{prompt} {tag(*chosen)}"
+
+
 def choose(manifest: Manifest, prompt: str) -> Choice | None:
     """The hypernetwork the prompt's tags ask for (after the option's tag was added to it), checked."""
     tags = parse_tags(prompt)

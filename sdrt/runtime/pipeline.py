@@ -12,7 +12,7 @@ from typing import Callable
 import numpy as np
 
 from .. import __version__, embedded
-from ..errors import BundleNotFound, InvalidRequest, NonFiniteOutput
+from ..errors import BundleNotFound, EngineNotBuilt, InvalidRequest, NonFiniteOutput
 from . import hypernetworks, lora, names, request
 from . import watermark as _watermark
 from .embeddings import load_embedding
@@ -159,7 +159,7 @@ class Pipeline(ImageModes):
         if self.backend == "tensorrt":
             engine = self.engines.get(hn.component)
             if engine is None:
-                raise InvalidRequest(f"no TensorRT engine for hypernetwork {hn.name!r} on this GPU: run "
+                raise EngineNotBuilt(f"no TensorRT engine for hypernetwork {hn.name!r} on this GPU: run "
                                      f"`sdrt build {self.path} --hypernetwork {hn.name}`, or load the pipeline "
                                      "with backend='onnxruntime'")
             return engine
@@ -210,8 +210,7 @@ class Pipeline(ImageModes):
              watermark=None, hypernetwork=None) -> "_Job":
         """Check the options every mode shares, apply the request's LoRAs, draw a seed when none is given."""
         prompt = request.check_prompt(prompt)
-        if (option := hypernetworks.parse_option(hypernetwork)) is not None:  # as its tag: the PNG records it
-            prompt = f"{prompt} {hypernetworks.tag(*option)}"
+        prompt = hypernetworks.add_option(prompt, hypernetwork)  # as its tag: the PNG records it
         m = self.manifest
         text = self._text_options(clip_skip, emphasis, truncate)
         if watermark not in (None, True, False):

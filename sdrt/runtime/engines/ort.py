@@ -38,7 +38,9 @@ class OrtEngine(Engine):
     def __init__(self, path: Path, name: str, threads: int | None = None,
                  overrides: dict[str, np.ndarray] | None = None, data_dir: Path | None = None):
         """data_dir: the folder the graph's external data lies in, when not the graph's own (a hypernetwork
-        variant in unet/hypernet/ reads the U-Net's unet/model.onnx_data). overrides: initializer name -> replacement value (LoRA-patched weights). ONNX Runtime (1.32) builds
+        variant in unet/hypernet/ reads the U-Net's unet/model.onnx_data).
+
+        overrides: initializer name -> replacement value (LoRA-patched weights). ONNX Runtime (1.32) builds
         what it precomputes from a weight out of the graph file's copy and misses an override: the NCHWc layout
         pass (convolution weights, reordered) and constant folding (the CPU graph's Winograd transforms of 3x3
         convolution weights, export/passes/winograd.py). So a patched convolution turns off the first, a patched 3x3
