@@ -371,3 +371,37 @@ def test_a_failed_add_leaves_the_bundle_as_it_was(hn, tmp_path, monkeypatch):
         add_hypernetwork(bundle, file, allow_pickle=True, log=lambda *_: None)
     assert sorted(p.relative_to(bundle).as_posix() for p in bundle.rglob("*") if p.name != ".sdrt.lock") == before
     assert "late" not in sdrt.Pipeline.load(bundle).manifest.hypernetworks
+
+
+def test_two_adds_at_once_both_land(hn, tmp_path):
+    """The bundle lock: without it both would read the same manifest and the second write would drop the first."""
+    import threading
+
+    from sdrt.export import add_hypernetwork
+
+    bundle = tmp_path / "bundle"
+    shutil.copytree(hn["sd1"]["bundle"], bundle)
+    files = [tmp_path / f"{name}.pt" for name in ("first", "second")]
+    for i, file in enumerate(files):
+        write_a1111(file, [32, 48], seed=20 + i)
+    errors = []
+
+    def add(file):
+        try:
+            add_hypernetwork(bundle, file, allow_pickle=True, log=lambda *_: None)
+        except Exception as e:  # noqa: BLE001 - reported below
+            errors.append(e)
+
+    threads = [threading.Thread(target=add, args=(f,)) for f in files]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=120)
+    assert not errors and not any(t.is_alive() for t in threads)
+    assert set(sdrt.Pipeline.load(bundle).manifest.hypernetworks) == {"sd1_style", "first", "second"}
+
+
+def test_cli_export_refuses_a_pickle_before_any_work(hn, tmp_path, capsys):
+    code, _, err = run(capsys, "export", hn["sd1"]["src"], "--out", tmp_path / "out", "--hypernetwork", hn["sd1"]["file"])
+    assert code == PickleRefused.exit_code and "--allow-pickle" in err and err.count("\n") == 1
+    assert not (tmp_path / "out").exists()
