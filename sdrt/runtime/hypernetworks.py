@@ -25,10 +25,6 @@ class Choice:
     strength: float
     component: str  # the bundle's U-Net variant
 
-    @property
-    def tag(self) -> str:
-        return tag(self.name, self.strength)
-
 
 def tag(name: str, strength: float) -> str:
     """<hypernet:name:strength>, the strength written so it reads back exactly."""
