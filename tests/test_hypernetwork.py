@@ -405,3 +405,34 @@ def test_cli_export_refuses_a_pickle_before_any_work(hn, tmp_path, capsys):
     code, _, err = run(capsys, "export", hn["sd1"]["src"], "--out", tmp_path / "out", "--hypernetwork", hn["sd1"]["file"])
     assert code == PickleRefused.exit_code and "--allow-pickle" in err and err.count("\n") == 1
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("options,keys", [  # the reference note's table of A1111's Sequential numbering
+    (dict(activation="linear"), ["linear.0", "linear.1"]),
+    (dict(activation="relu", activate_output=False), ["linear.0", "linear.2"]),
+    (dict(activation="relu", activate_output=True), ["linear.0", "linear.2"]),
+    (dict(activation="swish", layer_norm=True, activate_output=False), ["linear.0", "linear.2", "linear.3", "linear.4"]),
+    (dict(activation="relu", dropout_structure=(0, 0.3, 0), activate_output=False), ["linear.0", "linear.3"]),
+])
+def test_a1111_numbering_is_read_at_the_released_widths(tmp_path, options, keys):
+    """Files at SD's real widths (small hidden layers: layer_structure 1, 0.1, 1): the numbering A1111 writes,
+    an SD 1.x file with the 1024 module A1111's UI can add, and a text-only 768 file, against each family."""
+    from sdrt.export.hypernet_file import check_widths, read_hypernetwork
+
+    file = tmp_path / "real.pt"
+    write_a1111(file, [320, 640, 768, 1024, 1280], layer_structure=(1, 0.1, 1), **options)
+    state = torch.load(file, weights_only=True)
+    assert sorted({k.rsplit(".", 1)[0] for k in state[768][0]}) == keys
+    hn = read_hypernetwork(file, allow_pickle=True)
+    sd1, sd2 = ({320, 640, 1280}, 768), ({320, 640, 1280}, 1024)
+    assert check_widths(hn, *sd1) == [320, 640, 768, 1280]  # 1024 skipped on SD 1.x, as A1111 does
+    assert check_widths(hn, *sd2) == [320, 640, 1024, 1280]
+    write_a1111(tmp_path / "text.pt", [768], layer_structure=(1, 0.1, 1), **options)
+    text_only = read_hypernetwork(tmp_path / "text.pt", allow_pickle=True)
+    assert check_widths(text_only, *sd1) == [768]
+    with pytest.raises(InvalidRequest, match=r"widths \[768\].*text width 1024: it was made for another model family"):
+        check_widths(text_only, *sd2)
+    steps = [op for op, _ in text_only.modules[768][0].steps()]
+    act = options["activation"] != "linear"
+    assert steps == ["linear"] + ["act"] * act + ["ln"] * bool(options.get("layer_norm")) + ["linear"] + \
+        ["act"] * (act and bool(options.get("activate_output"))) + ["ln"] * bool(options.get("layer_norm"))
