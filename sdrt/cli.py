@@ -12,6 +12,7 @@ from typing import Optional
 import typer
 
 from .errors import MissingDependency, SdrtError
+from .progress import StepBar
 
 # typer >= 0.20 vendors click; take its exception classes from typer itself so either layout works.
 UsageError = typer.BadParameter.__mro__[1]
@@ -93,9 +94,9 @@ def export(
                                             "U-Net variant (repeatable; needs --allow-pickle: they are pickles)."),
 ):
     """Export a model to an ONNX bundle, checking every graph against torch."""
-    export_bundle = _export_api("export_bundle")
-    manifest = export_bundle(src, out, height, width, allow_pickle, force, log=lambda m: typer.echo(m, err=True),
-                             family=family, cpu_graph_policy=cpu_graph, int8=int8, hypernetworks=hypernetwork)
+    manifest = _export_api("export_bundle")(src, out, height, width, allow_pickle, force, family=family,
+                                            log=lambda m: typer.echo(m, err=True), cpu_graph_policy=cpu_graph,
+                                            int8=int8, hypernetworks=hypernetwork)
     typer.echo(f"wrote {out} ({manifest.default_width}x{manifest.default_height}, {manifest.prediction_type}, "
                f"model hash {manifest.model_hash})")
 
@@ -124,31 +125,18 @@ app.add_typer(hypernetwork_app, name="hypernetwork")
 def hypernetwork_add(
     bundle: Path = typer.Argument(..., help="A bundle folder (from `sdrt export`)."),
     file: Path = typer.Argument(..., help="The hypernetwork .pt file; its stem is the <hypernet:NAME> tag."),
-    allow_pickle: bool = typer.Option(False, "--allow-pickle", help="Read the .pt (a pickle: it could run code; "
-                                      "sdrt reads only tensors and plain values)."),
+    allow_pickle: bool = typer.Option(False, "--allow-pickle", help="Read the .pt (a pickle: tensors only)."),
 ):
     """Bake a hypernetwork into an exported bundle's U-Net (a variant graph checked against torch)."""
     name = _export_api("add_hypernetwork")(bundle, file, allow_pickle, log=lambda m: typer.echo(m, err=True))
     typer.echo(f"added hypernetwork {name!r} to {bundle}: use <hypernet:{name}:1> in a prompt, or --hypernetwork {name}")
 
 
-class _StepBar:
-    """A progress bar over the denoising steps, on a terminal only, started by the first step (so that a
-    request refused before any work prints nothing but its error line)."""
-
-    def __init__(self):
-        self._bar, self._show = None, sys.stderr.isatty()
-
-    def __call__(self, done: int, total: int) -> None:
-        if not self._show:
-            return
-        if self._bar is None:
-            self._bar = typer.progressbar(length=total, label="denoising", file=sys.stderr).__enter__()
-        self._bar.update(1)
-
-    def close(self) -> None:
-        if self._bar is not None:
-            self._bar.__exit__(None, None, None)
+@hypernetwork_app.command("remove")
+@handle_errors
+def hypernetwork_remove(bundle: Path = typer.Argument(...), name: str = typer.Argument(..., help="See `sdrt info`.")):
+    """Take a hypernetwork out of a bundle (its variant graphs and weights)."""
+    _export_api("remove_hypernetwork")(bundle, name, log=typer.echo)
 
 
 # Options every generation command takes, after its own arguments: (name, type, typer default).
@@ -226,7 +214,7 @@ def _generate(fn, s: dict, own: dict) -> None:
                                  "batch", "eta", "clip_skip", "truncate")}
     options |= {"emphasis": not s["no_emphasis"], "loras": loras, "watermark": False if s["no_watermark"] else None,
                 "hypernetwork": s["hypernetwork"]}
-    bar = _StepBar()
+    bar = StepBar()
     try:
         images = fn(pipe, s["prompt"], options, bar, **own)
     finally:
@@ -284,7 +272,7 @@ def _lora_option(text: str) -> tuple[Path, float]:
     path, _, weight = text.rpartition(":")
     try:
         return (Path(path), float(weight)) if path else (Path(text), 1.0)
-    except ValueError:
+    except ValueError:  # a colon inside the name
         return Path(text), 1.0
 
 

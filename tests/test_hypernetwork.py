@@ -436,3 +436,17 @@ def test_a1111_numbering_is_read_at_the_released_widths(tmp_path, options, keys)
     act = options["activation"] != "linear"
     assert steps == ["linear"] + ["act"] * act + ["ln"] * bool(options.get("layer_norm")) + ["linear"] + \
         ["act"] * (act and bool(options.get("activate_output"))) + ["ln"] * bool(options.get("layer_norm"))
+
+
+def test_remove_takes_it_out_and_leaves_a_valid_bundle(hn, tmp_path, capsys):
+    bundle = tmp_path / "bundle"
+    shutil.copytree(hn["sd2"]["bundle"], bundle)
+    code, out, err = run(capsys, "hypernetwork", "remove", bundle, "sd2_style")
+    assert code == 0, err
+    m = sdrt.Pipeline.load(bundle).manifest  # every listed file still matches its hash
+    assert not m.hypernetworks and not any("hypernet" in k for k in [*m.graphs, *m.cpu_graphs, *m.files])
+    raw = json.loads((bundle / "sdrt.json").read_text())
+    assert "hypernetworks" not in raw and not any("hypernet" in k for k in raw["verification"]["errors"])
+    assert not (bundle / "unet" / "hypernet").exists()
+    code, _, err = run(capsys, "hypernetwork", "remove", bundle, "sd2_style")
+    assert code == 2 and err == f"error: {str(bundle)!r} has no hypernetwork 'sd2_style' (it has: none)\n"

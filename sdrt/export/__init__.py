@@ -7,6 +7,6 @@ sdrt.runtime never imports sdrt.export. `bundle` runs the stages; `families/` sa
 components are; `passes/` rewrites exported graphs.
 """
 from .bundle import export_bundle
-from .hypernetwork import add_hypernetwork
+from .hypernetwork import add_hypernetwork, remove_hypernetwork
 
-__all__ = ["add_hypernetwork", "export_bundle"]
+__all__ = ["add_hypernetwork", "export_bundle", "remove_hypernetwork"]

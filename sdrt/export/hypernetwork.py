@@ -334,3 +334,36 @@ def _add_locked(bundle: Path, hn: Hypernetwork, log) -> None:
     except BaseException:  # the manifest is unchanged (atomic write): drop the unlisted files too
         remove_variant(bundle / names.UNET, hn.name)
         raise
+
+
+def remove_hypernetwork(bundle: str | Path, name: str, log=print) -> None:
+    """Take hypernetwork `name` out of a bundle (`sdrt hypernetwork remove`): sdrt.json first (atomically),
+    then its files, so the bundle is valid at every moment."""
+    from ..runtime.manifest import load_manifest
+
+    bundle = Path(bundle).expanduser()
+    load_manifest(bundle)  # a bundle, hashes intact
+    try:
+        with _bundle_lock(bundle):
+            manifest = load_manifest(bundle)
+            entry = manifest.hypernetworks.get(name)
+            if entry is None:
+                have = ", ".join(sorted(manifest.hypernetworks)) or "none"
+                raise InvalidRequest(f"{str(bundle)!r} has no hypernetwork {name!r} (it has: {have})")
+            comp = entry["component"]
+            raw = json.loads((bundle / names.MANIFEST_FILE).read_text(encoding="utf-8"))
+            gone = {manifest.graphs.pop(comp).path, manifest.cpu_graphs.pop(comp, None),
+                    f"{names.UNET}/{names.HYPERNET_FOLDER}/{name}.onnx_data"} - {None}
+            del manifest.hypernetworks[name]
+            for rel in gone:
+                manifest.files.pop(rel, None)
+            data = {k: v for k, v in raw.items() if k != "hypernetworks"} | manifest.to_json()
+            errors = data.get("verification", {}).get("errors", {})
+            for key in [k for k in errors if k.startswith(f"{comp}: ")]:
+                del errors[key]
+            atomic_write_bytes(bundle / names.MANIFEST_FILE, (json.dumps(data, indent=2) + "\n").encode())
+            remove_variant(bundle / names.UNET, name)
+    except OSError as e:
+        raise OutputNotWritable(f"removing hypernetwork {name!r} from {str(bundle)!r} failed ({e.strerror or e}); "
+                                "check the permissions of its folder") from None
+    log(f"removed hypernetwork {name} from {bundle}")
