@@ -83,7 +83,7 @@ def stage_torch(src: Path, file: Path, bundle: Path, runs: int, seed: int) -> di
     from unet_step import unet_feeds
 
     from sdrt.export.hypernet_file import read_hypernetwork
-    from sdrt.export.hypernetwork import applied
+    from sdrt.export.hypernet_torch import applied
     from sdrt.runtime.manifest import load_manifest
 
     feeds = {k: torch.from_numpy(v) for k, v in unet_feeds(load_manifest(bundle), np.random.default_rng(seed)).items()}
@@ -95,7 +95,7 @@ def stage_torch(src: Path, file: Path, bundle: Path, runs: int, seed: int) -> di
             return unet(feeds["sample"], feeds["timestep"], encoder_hidden_states=feeds["encoder_hidden_states"]).sample
 
     result = {"plain": _timed(call, runs)}
-    with applied(unet, hn, 1.0):
+    with applied(unet, [(hn, 1.0)]):
         result["hypernetwork"] = _timed(call, runs)
         want = call().numpy()
     got = np.load(bundle.parent / "hypernet_onnx_out.npy")

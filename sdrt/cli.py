@@ -124,12 +124,23 @@ app.add_typer(hypernetwork_app, name="hypernetwork")
 @handle_errors
 def hypernetwork_add(
     bundle: Path = typer.Argument(..., help="A bundle folder (from `sdrt export`)."),
-    file: Path = typer.Argument(..., help="The hypernetwork .pt file; its stem is the <hypernet:NAME> tag."),
+    files: list[Path] = typer.Argument(..., help="Hypernetwork .pt files; a file's stem is its <hypernet:NAME> tag."),
     allow_pickle: bool = typer.Option(False, "--allow-pickle", help="Read the .pt (a pickle: tensors only)."),
+    stack: bool = typer.Option(False, "--stack", help="Bake the files as one stack, applied in their order (for "
+                               "prompts with their tags in that order), not one variant each."),
 ):
-    """Bake a hypernetwork into an exported bundle's U-Net (a variant graph checked against torch)."""
-    name = _export_api("add_hypernetwork")(bundle, file, allow_pickle, log=lambda m: typer.echo(m, err=True))
-    typer.echo(f"added hypernetwork {name!r} to {bundle}: use <hypernet:{name}:1> in a prompt, or --hypernetwork {name}")
+    """Bake hypernetworks into an exported bundle's U-Net (variant graphs checked against torch)."""
+    def log(message):
+        typer.echo(message, err=True)
+
+    if stack:
+        added = [_export_api("add_stack")(bundle, files, allow_pickle, log)]
+    else:
+        add = _export_api("add_hypernetwork")
+        added = [add(bundle, f, allow_pickle, log) for f in files]
+    for name in added:
+        tags = " ".join(f"<hypernet:{n}:1>" for n in name.split("+"))
+        typer.echo(f"added hypernetwork {name!r} to {bundle}: use {tags} in a prompt")
 
 
 @hypernetwork_app.command("remove")

@@ -24,8 +24,10 @@ def describe(bundle: Path, m: Manifest) -> list[str]:
         if comp in m.int8_graphs:
             lines.append(f"{'':<13}{m.int8_graphs[comp]}: the same with int8 MatMuls (--int8)")
     for name, h in m.hypernetworks.items():
-        lines.append(f"hypernetwork {name}: {h['file']} (sha256 {h['sha256'][:10]}), widths "
-                     f"{', '.join(map(str, h['widths']))}: <hypernet:{name}:1>")
+        files = "; ".join(f"{f['file']} (sha256 {f['sha256'][:10]}), widths {', '.join(map(str, f['widths']))}"
+                          for f in h.get("stack", [h]))
+        tags = " ".join(f"<hypernet:{n}:1>" for n in name.split("+"))
+        lines.append(f"hypernetwork {name}: {'a stack of ' if 'stack' in h else ''}{files}: {tags}")
     lines.append("samplers     " + ", ".join(f"{c.name} ({c.label})" for c in SAMPLERS.values()))
     lines.append("watermark    " + (f"active: dwtDct, payload {payload_for(m.text_hidden_size)!r}, on images of at "
                                     "least 256x256 (--no-watermark to skip)" if watermark_available()

@@ -91,17 +91,19 @@ class ReferenceProcessor:
     """A1111's rule inside diffusers' Attention: c = encoder_hidden_states, or the hidden states in
     self-attention; k = to_k(c + s·MLP_k(c)), v = to_v(c + s·MLP_v(c)); attention as AttnProcessor2_0."""
 
-    def __init__(self, modules: dict, strength: float):
-        self.modules, self.strength = modules, strength
+    def __init__(self, modules: dict, strength: float, then=()):
+        """then: more (modules, strength) applied after these, in order (A1111's several tags)."""
+        self.stack = [(modules, strength), *then]
 
     def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, **_):
         import torch.nn.functional as F
 
         c = hidden_states if encoder_hidden_states is None else encoder_hidden_states
         ck = cv = c
-        if c.shape[-1] in self.modules:
-            mk, mv = self.modules[c.shape[-1]]
-            ck, cv = c + mk.linear(c) * self.strength, c + mv.linear(c) * self.strength
+        for modules, strength in self.stack:  # A1111's apply_hypernetworks: separate K and V chains
+            if c.shape[-1] in modules:
+                mk, mv = modules[c.shape[-1]]
+                ck, cv = ck + mk.linear(ck) * strength, cv + mv.linear(cv) * strength
         q, k, v = attn.to_q(hidden_states), attn.to_k(ck), attn.to_v(cv)
         b, n, heads = q.shape[0], q.shape[1], attn.heads
         split = [t.reshape(b, t.shape[1], heads, -1).permute(0, 2, 1, 3) for t in (q, k, v)]

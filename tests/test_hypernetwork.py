@@ -62,14 +62,14 @@ def hn(tmp_path_factory):
 
 
 class with_processor:
-    """diffusers' U-Net with A1111's rule in every attention while inside."""
+    """diffusers' U-Net with A1111's rule in every attention while inside (then: more files after it)."""
 
-    def __init__(self, unet, modules, strength):
-        self.unet, self.modules, self.strength = unet, modules, strength
+    def __init__(self, unet, modules, strength, then=()):
+        self.unet, self.processor = unet, ReferenceProcessor(modules, strength, then)
 
     def __enter__(self):
         self.before = self.unet.attn_processors
-        self.unet.set_attn_processor(ReferenceProcessor(self.modules, self.strength))
+        self.unet.set_attn_processor(self.processor)
 
     def __exit__(self, *exc):
         self.unet.set_attn_processor(self.before)
@@ -266,10 +266,13 @@ def test_bad_requests_are_refused_with_what_to_do(hn):
     cases = [
         ({"prompt": "a <hypernet:nope:1>"}, "hypernetwork 'nope' is not in this bundle (it has: sd1_style); add its "
                                             "file with `sdrt hypernetwork add BUNDLE FILE.pt`"),
-        ({"prompt": f"a <hypernet:{name}> <hypernet:{name}:0.5>"}, f"the prompt asks for two hypernetworks, "
-                                                                   f"<hypernet:{name}:1> and <hypernet:{name}:0.5>"),
+        ({"prompt": f"a <hypernet:{name}> <hypernet:{name}:0.5>"}, f"the prompt names a hypernetwork twice "
+                                                                   f"(<hypernet:{name}:1> and <hypernet:{name}:0.5>)"),
         ({"prompt": f"a <hypernet:{name}:lots>"}, "has strength 'lots', not a finite number"),
-        ({"prompt": f"a <hypernet:{name}:0.5>", "hypernetwork": "other"}, "asks for two hypernetworks"),
+        ({"prompt": f"a <hypernet:{name}:0.5>", "hypernetwork": "other"},
+         f"the prompt asks for several hypernetworks, <hypernet:{name}:0.5> and <hypernet:other:1>; A1111 applies "
+         f"them one after the other, which needs them baked as a stack in this order: `sdrt hypernetwork add "
+         f"BUNDLE {name}.pt other.pt --allow-pickle --stack`"),
         ({"prompt": "a", "hypernetwork": (name, float("inf"))}, "not a finite number"),
         ({"prompt": "a", "hypernetwork": 3}, "hypernetwork must be a name, 'name:strength' or (name, strength)"),
     ]
@@ -355,7 +358,7 @@ def test_a_failed_add_leaves_the_bundle_as_it_was(hn, tmp_path, monkeypatch):
     """Fault injected where real parts can't fail on demand: the disk fills while the manifest is written."""
     from sdrt.errors import OutputNotWritable
     from sdrt.export import add_hypernetwork
-    from sdrt.export import hypernetwork as module
+    from sdrt.export import hypernet_bundle as module
 
     bundle = tmp_path / "bundle"
     shutil.copytree(hn["sd1"]["bundle"], bundle)
@@ -450,3 +453,63 @@ def test_remove_takes_it_out_and_leaves_a_valid_bundle(hn, tmp_path, capsys):
     assert not (bundle / "unet" / "hypernet").exists()
     code, _, err = run(capsys, "hypernetwork", "remove", bundle, "sd2_style")
     assert code == 2 and err == f"error: {str(bundle)!r} has no hypernetwork 'sd2_style' (it has: none)\n"
+
+
+@pytest.fixture(scope="module")
+def stacked(hn, tmp_path_factory):
+    """The SD1 bundle with a stack of two files (A1111's several tags)."""
+    from sdrt.export import add_stack
+
+    root = tmp_path_factory.mktemp("stack")
+    bundle = root / "bundle"
+    shutil.copytree(hn["sd1"]["bundle"], bundle)
+    second = root / "ink.pt"
+    modules = write_a1111(second, [32, 48], activation="tanh", layer_norm=True, seed=8)
+    assert add_stack(bundle, [hn["sd1"]["file"], second], allow_pickle=True, log=lambda *_: None) == "sd1_style+ink"
+    return dict(bundle=bundle, pipe=sdrt.Pipeline.load(bundle), first=hn["sd1"]["modules"], second=modules,
+                files=[hn["sd1"]["file"], second])
+
+
+@pytest.mark.parametrize("strengths", [(1.0, 0.7), (0.0, 0.8), (0.6, 0.0)])
+def test_a_stack_applies_its_files_in_order_as_a1111(hn, stacked, strengths):
+    lat, prompt = latents(1, seed=12), "a yellow star"
+    a, b = strengths
+    got = pixels(stacked["pipe"].txt2img(f"{prompt} <hypernet:sd1_style:{a}> <hypernet:ink:{b}>", steps=6,
+                                         latents=lat))
+    with with_processor(hn["sd1"]["ref"].unet, stacked["first"], a, then=[(stacked["second"], b)]):
+        want = reference_images(hn["sd1"]["ref"], "euler", prompt, "", 7.5, lat, 6)
+    assert np.abs(got - want).max() <= TOLERANCE
+    if strengths == (1.0, 0.7):  # the second file changes the image visibly, and order matters
+        first_only = pixels(stacked["pipe"].txt2img(f"{prompt} <hypernet:sd1_style:1>", steps=6, latents=lat))
+        assert np.abs(got - first_only).mean() > 0.01
+        with with_processor(hn["sd1"]["ref"].unet, stacked["second"], b, then=[(stacked["first"], a)]):
+            swapped = reference_images(hn["sd1"]["ref"], "euler", prompt, "", 7.5, lat, 6)
+        assert np.abs(swapped - want).mean() > 1e-3
+    plain = pixels(stacked["pipe"].txt2img(prompt, steps=6, latents=lat))
+    off = pixels(stacked["pipe"].txt2img(f"{prompt} <hypernet:sd1_style:0> <hypernet:ink:0>", steps=6, latents=lat))
+    assert np.array_equal(plain, off)
+
+
+def test_a_stack_is_listed_built_and_removed_as_one(stacked, tmp_path, capsys):
+    from sdrt.runtime import names
+    from sdrt.runtime.engines.trt_profiles import engine_specs
+    from sdrt.runtime.manifest import load_manifest
+
+    with pytest.raises(InvalidRequest, match="the prompt asks for several hypernetworks, <hypernet:ink:1> and "
+                                             "<hypernet:sd1_style:1>; A1111 applies them one after the other"):
+        stacked["pipe"].txt2img("x <hypernet:ink> <hypernet:sd1_style>", steps=1)  # the other order: not baked
+    m = load_manifest(stacked["bundle"])
+    comp = names.hypernet_component("sd1_style+ink")
+    assert [f["file"] for f in m.hypernetworks["sd1_style+ink"]["stack"]] == ["sd1_style.pt", "ink.pt"]
+    spec = next(s for s in engine_specs(m, [64], hypernetworks=["sd1_style+ink"]) if s.component == comp)
+    assert spec.input_shapes[names.HYPERNETWORK_STRENGTH] == spec.input_shapes[names.HYPERNETWORK_STRENGTH + "_1"] == ()
+    code, out, _ = run(capsys, "info", stacked["bundle"])
+    assert "hypernetwork sd1_style+ink: a stack of sd1_style.pt" in out and "<hypernet:sd1_style:1> <hypernet:ink:1>" in out
+    copy = tmp_path / "bundle"
+    shutil.copytree(stacked["bundle"], copy)
+    code, _, err = run(capsys, "hypernetwork", "remove", copy, "sd1_style+ink")
+    assert code == 0, err
+    assert set(sdrt.Pipeline.load(copy).manifest.hypernetworks) == {"sd1_style"}
+    code, out, err = run(capsys, "hypernetwork", "add", copy, *stacked["files"], "--allow-pickle", "--stack")
+    assert code == 0 and "added hypernetwork 'sd1_style+ink'" in out and "<hypernet:sd1_style:1> <hypernet:ink:1>" in out
+    assert load_manifest(copy).hypernetworks["sd1_style+ink"] == m.hypernetworks["sd1_style+ink"]

@@ -7,6 +7,6 @@ sdrt.runtime never imports sdrt.export. `bundle` runs the stages; `families/` sa
 components are; `passes/` rewrites exported graphs.
 """
 from .bundle import export_bundle
-from .hypernetwork import add_hypernetwork, remove_hypernetwork
+from .hypernet_bundle import add_hypernetwork, add_stack, remove_hypernetwork
 
-__all__ = ["add_hypernetwork", "export_bundle", "remove_hypernetwork"]
+__all__ = ["add_hypernetwork", "add_stack", "export_bundle", "remove_hypernetwork"]

@@ -159,7 +159,7 @@ def _write_bundle(family: ExportFamily, source: Source, out: Path, height: int |
                 int8_graphs[comp] = f"{comp}/{names.INT8_MODEL_FILE}"
         family.write_files(source, tmp, tokenizer)
         for hn in hypernetworks:  # U-Net variants, from its finished graphs and lora_map.json
-            entries = hypernet_mod.bake_into(tmp, hn, unet_feeds, source.unet, log)
+            entries = hypernet_mod.bake_into(tmp, [hn], unet_feeds, source.unet, log)
             graphs.update(entries["graphs"])
             cpu_graphs.update(entries["cpu_graphs"])
             hypernets.update(entries["hypernetworks"])

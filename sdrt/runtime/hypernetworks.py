@@ -3,8 +3,10 @@
 here a request picks one and its strength, the scalar input `hypernetwork_strength`.
 
 A1111 (extra_networks_hypernet.py) removes the tag from the text, defaults the strength to 1 and, with several
-tags, applies each in turn. sdrt bakes one file per variant, so it runs one hypernetwork per request and
-refuses two with a message naming both; strength 0 runs the plain U-Net (the same image exactly).
+tags, applies each in turn. sdrt bakes each file, or each stack of files in order (`sdrt hypernetwork add
+--stack`), into its own variant: several tags run the stack of those files in that order, each at its own
+strength, and are refused with a message naming them when the bundle has no such stack. Strength 0 (all of
+them 0, for a stack) runs the plain U-Net: the same image exactly.
 """
 from __future__ import annotations
 
@@ -12,7 +14,10 @@ import math
 import re
 from dataclasses import dataclass
 
+import numpy as np
+
 from ..errors import InvalidRequest
+from . import names
 from .manifest import Manifest
 
 _TAG = re.compile(r"<hypernet:([^:>]+)(?::([^:>]*))?>")
@@ -21,9 +26,17 @@ ADD = "`sdrt hypernetwork add BUNDLE FILE.pt` (or `sdrt export SRC --out BUNDLE 
 
 @dataclass(frozen=True)
 class Choice:
-    name: str
-    strength: float
+    name: str  # the variant's: a file's stem, or a stack's stems joined by "+"
+    strengths: tuple[float, ...]  # one per file of the stack, in order
     component: str  # the bundle's U-Net variant
+
+    @property
+    def off(self) -> bool:
+        return not any(self.strengths)
+
+    def feeds(self) -> dict[str, np.float32]:
+        """The variant's strength inputs."""
+        return {names.strength_input(i): np.float32(s) for i, s in enumerate(self.strengths)}
 
 
 def tag(name: str, strength: float) -> str:
@@ -78,17 +91,22 @@ def add_option(prompt: str, option) -> str:
 
 
 def choose(manifest: Manifest, prompt: str) -> Choice | None:
-    """The hypernetwork the prompt's tags ask for (after the option's tag was added to it), checked."""
+    """The hypernetwork (or stack) the prompt's tags ask for, after the option's tag was added to it."""
     tags = parse_tags(prompt)
-    if len(tags) > 1:
-        a, b = (tag(n, s) for n, s in tags[:2])
-        raise InvalidRequest(f"the prompt asks for two hypernetworks, {a} and {b}; sdrt runs one per request "
-                             "(each is baked into its own U-Net): keep one tag")
     if not tags:
         return None
-    name, strength = tags[0]
+    name = "+".join(n for n, _ in tags)
     entry = manifest.hypernetworks.get(name)
-    if entry is None:
+    if entry is None or (len(tags) > 1) != ("stack" in entry):
         have = ", ".join(sorted(manifest.hypernetworks)) or "none"
-        raise InvalidRequest(f"hypernetwork {name!r} is not in this bundle (it has: {have}); add its file with {ADD}")
-    return Choice(name, strength, entry["component"])
+        if len(tags) == 1:
+            raise InvalidRequest(f"hypernetwork {name!r} is not in this bundle (it has: {have}); add its file "
+                                 f"with {ADD}")
+        listed = " and ".join(tag(n, s) for n, s in tags)
+        if len({n for n, _ in tags}) < len(tags):
+            raise InvalidRequest(f"the prompt names a hypernetwork twice ({listed}); keep one tag")
+        files = " ".join(f"{n}.pt" for n, _ in tags)
+        raise InvalidRequest(f"the prompt asks for several hypernetworks, {listed}; A1111 applies them one "
+                             f"after the other, which needs them baked as a stack in this order: `sdrt hypernetwork "
+                             f"add BUNDLE {files} --allow-pickle --stack` (this bundle has: {have}); or keep one tag")
+    return Choice(name, tuple(s for _, s in tags), entry["component"])

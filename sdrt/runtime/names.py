@@ -50,6 +50,15 @@ HYPERNET_COMPONENT = "unet-hypernet-"
 HYPERNETWORK_STRENGTH = "hypernetwork_strength"  # the variant's scalar input: the strength s
 
 
+def strength_input(i: int) -> str:
+    """The scalar input of member i of a hypernetwork stack (a single file is member 0)."""
+    return HYPERNETWORK_STRENGTH if i == 0 else f"{HYPERNETWORK_STRENGTH}_{i}"
+
+
+def is_strength(name: str) -> bool:
+    return name == HYPERNETWORK_STRENGTH or name.startswith(HYPERNETWORK_STRENGTH + "_")
+
+
 def hypernet_component(name: str) -> str:
     return HYPERNET_COMPONENT + name
 

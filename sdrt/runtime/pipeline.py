@@ -145,12 +145,12 @@ class Pipeline(ImageModes):
         """The U-Net for the job, and the inputs it takes besides the plain one's: a hypernetwork's variant
         and its strength, or the plain U-Net (no hypernetwork, or strength 0: the same image exactly)."""
         hn = job.hypernetwork
-        if hn is None or hn.strength == 0:
+        if hn is None or hn.off:
             return self.engines[names.UNET], {}
         if self._variant is None or self._variant[0] != hn.component:
             self._variant = None  # one variant open at a time: each session holds the U-Net's weights
             self._variant = (hn.component, self._open_variant(hn))
-        return self._variant[1], {names.HYPERNETWORK_STRENGTH: np.float32(hn.strength)}
+        return self._variant[1], hn.feeds()
 
     def _open_variant(self, hn: hypernetworks.Choice) -> Engine:
         if self.int8:

@@ -13,12 +13,16 @@ MatMul is each attention's to_k / to_v (by the weight it multiplies by); the pas
 of it. The graph keeps every initializer under its own name, pointing into the U-Net's model.onnx_data, so
 the variant holds no copy of the U-Net's weights and a LoRA patch (by initializer name) reaches it. The
 strength is the scalar input `hypernetwork_strength`.
+
+A stack (several files in order, as A1111 applies several <hypernet:...> tags) chains the modules: the K
+input becomes c_K = c; c_K = c_K + s_i * MLP_K,i(c_K) for each member i that has the width, V alike; member i
+reads its strength from `hypernetwork_strength` (i = 0) or `hypernetwork_strength_<i>`.
 """
 from __future__ import annotations
 
 import numpy as np
 
-from ...runtime.names import HYPERNETWORK_STRENGTH as STRENGTH
+from ...runtime.names import strength_input
 from ..hypernet_file import Hypernetwork, Module
 
 PREFIX = "hypernet"  # node and initializer names the pass adds start with it
@@ -41,13 +45,13 @@ class _Writer:
         return f"{PREFIX}/{self.tag}/{what}_{self.n}"
 
     def weight(self, key: str, value: np.ndarray) -> str:
-        name = f"{PREFIX}.{self.tag}.{key}"
+        name = f"{PREFIX}.{key}"
         self.weights[name] = np.ascontiguousarray(value, np.float32)
         return name
 
     def const(self, value: float) -> str:
         """A scalar constant, named by its value: the plain and CPU graphs' bakes then name every weight alike."""
-        return self.weight(f"const.{value!r}", np.array(value))
+        return self.weight(f"{self.tag}.const.{value!r}", np.array(value))
 
     def op(self, op_type: str, inputs: list[str], **attrs) -> str:
         from onnx import helper
@@ -86,7 +90,7 @@ def _activation(w: _Writer, x: str, name: str, prelu) -> str:
     if name in ("hardshrink", "softshrink"):
         return w.op("Shrink", [x], lambd=0.5, bias=0.0 if name == "hardshrink" else 0.5)
     if name == "prelu":
-        return w.op("PRelu", [x, w.weight(f"prelu.{float(prelu.weight[0])!r}", prelu.weight)])
+        return w.op("PRelu", [x, w.weight(f"{w.tag}.prelu.{float(prelu.weight[0])!r}", prelu.weight)])
     raise ValueError(f"no ONNX form for activation {name!r}")  # hypernet_file.ACTIVATIONS lists only these
 
 
@@ -105,15 +109,17 @@ def _module(w: _Writer, x: str, module: Module, key: str, strength: str) -> str:
     return w.op("Add", [x, w.op("Mul", [h, strength])])
 
 
-def bake(model, lora_map: dict, hn: Hypernetwork, widths: list[int]) -> tuple[dict[str, np.ndarray], list]:
-    """Edit `model` (an ONNX ModelProto of the U-Net, weights external) in place; returns the new weights
-    {initializer name: array} for the caller to store, and [(context, modified context, "k"|"v", width)]
-    per rewired input (tensor names: the export's check reads them). Raises ValueError when an attention's
-    to_k / to_v MatMul is missing (a graph not exported by sdrt)."""
+def bake(model, lora_map: dict, members: list[tuple[Hypernetwork, list[int]]]) -> tuple[dict[str, np.ndarray], list]:
+    """Edit `model` (an ONNX ModelProto of the U-Net, weights external) in place with the hypernetworks
+    `members` [(file, the widths of it to apply)], in order; returns the new weights {initializer name: array}
+    for the caller to store, and [(context, modified context, "k"|"v", width)] per rewired input (tensor
+    names: the export's check reads them). Raises ValueError when an attention's to_k / to_v MatMul is
+    missing (a graph not exported by sdrt)."""
     from onnx import TensorProto, helper
 
-    w = _Writer(hn.name)
-    model.graph.input.append(helper.make_tensor_value_info(STRENGTH, TensorProto.FLOAT, []))
+    w = _Writer("+".join(hn.name for hn, _ in members))
+    model.graph.input.extend(helper.make_tensor_value_info(strength_input(i), TensorProto.FLOAT, [])
+                             for i in range(len(members)))
     consumers = {}
     for node in model.graph.node:
         if node.op_type == "MatMul" and len(node.input) == 2:
@@ -122,21 +128,22 @@ def bake(model, lora_map: dict, hn: Hypernetwork, widths: list[int]) -> tuple[di
     rewired = []
     for layer in attention_layers(lora_map):
         width = int(lora_map[f"{layer}.to_k"]["shape"][1])  # torch's (out, in): the context's width
-        if width not in widths:
-            continue
-        for kv, module in zip(("k", "v"), hn.modules[width]):
+        chain = [(i, hn) for i, (hn, widths) in enumerate(members) if width in widths]
+        for index, kv in enumerate("kv" if chain else ""):
             matmuls = consumers.get(lora_map[f"{layer}.to_{kv}"]["initializer"], [])
             if len(matmuls) != 1:
                 raise ValueError(f"the graph has {len(matmuls)} MatMul nodes for {layer}.to_{kv}, expected 1")
             node = matmuls[0]
             context = node.input[0]
-            key = (context, kv, width)
-            if key not in done:
-                done[key] = _module(w, context, module, f"{width}.{kv}", STRENGTH)
-                rewired.append((context, done[key], kv, width))
-            node.input[0] = done[key]
+            if (context, kv, width) not in done:
+                h = context
+                for i, hn in chain:  # A1111's apply_hypernetworks: each member on the previous one's output
+                    h = _module(w, h, hn.modules[width][index], f"{hn.name}.{width}.{kv}", strength_input(i))
+                done[(context, kv, width)] = h
+                rewired.append((context, h, kv, width))
+            node.input[0] = done[(context, kv, width)]
     if not rewired:
-        raise ValueError(f"no attention of width {widths} found in the graph")
+        raise ValueError(f"no attention of the widths {sorted({x for _, ws in members for x in ws})} in the graph")
     _insert(model, w.nodes, set(w.weights))
     return w.weights, rewired
 

@@ -64,17 +64,13 @@ def model_hash(manifest: Manifest, bundle: Path) -> str:
 
 def onnx_digests(manifest: Manifest, component: str) -> dict[str, str]:
     """sha256 of the component's graphs and external weights, from the (verified) bundle manifest: the files
-    of its component folder, and for a U-Net variant in a subfolder (unet/hypernet/NAME.onnx) its own files
-    there (NAME.*), so adding a hypernetwork leaves the built engines valid."""
+    of its data folder (its component's), and for a U-Net variant in a subfolder (unet/hypernet/NAME.onnx) its
+    own graphs and weights there, so adding or removing a hypernetwork leaves the other engines valid."""
     graph = manifest.graphs[component].path
-    folder, stem, data = graph.rsplit("/", 1)[0], graph.rsplit("/", 1)[1].split(".")[0], names.data_dir(graph)
-
-    def counts(rel: str) -> bool:
-        parent, name = rel.rsplit("/", 1) if "/" in rel else ("", rel)
-        return name.endswith((".onnx", ".onnx_data")) and (
-            parent == data or (parent == folder and name.split(".")[0] == stem))
-
-    return {rel: digest for rel, digest in sorted(manifest.files.items()) if counts(rel)}
+    data = names.data_dir(graph)
+    own = {graph, manifest.cpu_graphs.get(component), graph.removesuffix(".onnx") + ".onnx_data"}
+    return {rel: digest for rel, digest in sorted(manifest.files.items())
+            if rel in own or (rel.rsplit("/", 1)[0] == data and rel.endswith((".onnx", ".onnx_data")))}
 
 
 @dataclass(frozen=True)

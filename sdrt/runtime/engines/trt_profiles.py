@@ -107,11 +107,10 @@ def _fill(declared: tuple, wanted: tuple[int, ...], component: str, name: str) -
 
 
 def _shapes(manifest: Manifest, component: str, rows: int, h: int, w: int, tokens: int) -> dict[str, tuple]:
-    base = names.UNET if names.is_unet(component) else component  # a hypernetwork variant: the U-Net's + strength
+    base = names.UNET if names.is_unet(component) else component  # a hypernetwork variant: the U-Net's + strengths
     want = manifest.model_family.input_shapes(manifest, base, rows, h, w, tokens)
-    if base != component:
-        want[names.HYPERNETWORK_STRENGTH] = ()
     declared = _inputs(manifest, component)
+    want |= {n: () for n in declared if base != component and names.is_strength(n)}
     unknown = [n for n in declared if n not in want]
     if unknown:
         raise InvalidRequest(f"{component} graph has inputs {unknown} that sdrt cannot give shapes to")

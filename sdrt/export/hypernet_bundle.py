@@ -1,0 +1,155 @@
+"""`sdrt hypernetwork add` and `remove`: hypernetwork variants into and out of a bundle that exists, from its
+graphs alone (no torch model: the modules are checked against torch, the rest against the plain U-Net).
+
+The new files are written first and listed in sdrt.json last (atomically); removing lists them out first and
+deletes them after; a flock on the bundle's `.sdrt.lock` keeps two of these from interleaving their manifest
+writes. So the bundle loads, every listed file matching its hash, at every moment.
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+
+from ..errors import InvalidRequest, OutputNotWritable
+from ..runtime import names
+from ..runtime.fsutil import atomic_write_bytes, sha256_file
+from ..runtime.manifest import FORMAT_VERSION, Manifest, load_manifest
+from .hypernet_file import Hypernetwork
+from .hypernetwork import bake_into, read_all, remove_variant, variant_name
+
+try:
+    import fcntl
+except ImportError:  # Windows: no flock; two `hypernetwork add` at once are not protected there
+    fcntl = None
+
+
+def check_feeds(manifest: Manifest) -> dict[str, np.ndarray]:
+    """The U-Net's check inputs for a bundle without its torch model, as the exporter draws them."""
+    spec = manifest.graphs[names.UNET]
+    if {t.name for t in spec.inputs} != {names.SAMPLE, names.TIMESTEP, names.ENCODER_HIDDEN_STATES}:
+        raise InvalidRequest(f"this bundle's U-Net takes {[t.name for t in spec.inputs]}; hypernetworks can be "
+                             "added to SD 1.x/2.x bundles (sample, timestep, encoder_hidden_states)")
+    rng = np.random.default_rng(1234)
+    h, w = manifest.default_height // manifest.vae_scale_factor, manifest.default_width // manifest.vae_scale_factor
+    return {names.SAMPLE: rng.standard_normal((1, manifest.unet_in_channels, h, w), dtype=np.float32),
+            names.TIMESTEP: np.array([321.0], dtype=np.float32),
+            names.ENCODER_HIDDEN_STATES: rng.standard_normal((1, 2 * manifest.tokenizer_max_length,
+                                                              manifest.text_hidden_size), dtype=np.float32)}
+
+
+@contextlib.contextmanager
+def _bundle_lock(bundle: Path):
+    fd = os.open(bundle / ".sdrt.lock", os.O_RDWR | os.O_CREAT, 0o666)
+    try:
+        if fcntl is not None:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)
+
+
+def _write_manifest(bundle: Path, manifest: Manifest, raw: dict, errors: dict, dropped: str | None = None) -> None:
+    """sdrt.json from `manifest`, keeping the fields it does not model (verification) from `raw`."""
+    data = {k: v for k, v in raw.items() if k != "hypernetworks"} | manifest.to_json()
+    checks = data.setdefault("verification", {}).setdefault("errors", {})
+    for key in [k for k in checks if dropped and k.startswith(f"{dropped}: ")]:
+        del checks[key]
+    checks.update(errors)
+    atomic_write_bytes(bundle / names.MANIFEST_FILE, (json.dumps(data, indent=2) + "\n").encode())
+
+
+def _exported_bundle(bundle: Path) -> Manifest:
+    manifest = load_manifest(bundle)  # a bundle, every file matching its hash
+    if not manifest.hashed or not (bundle / names.UNET / names.LORA_MAP_FILE).is_file():
+        raise InvalidRequest(f"{str(bundle)!r} was not exported by this sdrt (an optimum folder or an older bundle: "
+                             f"no unet/{names.LORA_MAP_FILE}); export it with `sdrt export SRC --out BUNDLE "
+                             "--hypernetwork FILE`")
+    if manifest.format_version != FORMAT_VERSION:
+        raise InvalidRequest(f"{str(bundle)!r} has format version {manifest.format_version}; re-export it with "
+                             "this sdrt to add hypernetworks")
+    return manifest
+
+
+def add_hypernetwork(bundle: str | Path, file: str | Path, allow_pickle: bool = False, log=print) -> str:
+    """Bake hypernetwork `file` into an exported bundle (`sdrt hypernetwork add`); returns its name."""
+    return add_stack(bundle, [file], allow_pickle, log)
+
+
+def add_stack(bundle: str | Path, files, allow_pickle: bool = False, log=print) -> str:
+    """Bake `files` as one stack (A1111 applies several <hypernet:...> tags one after the other, in the
+    prompt's order) into an exported bundle (`sdrt hypernetwork add --stack`); returns its name, the files'
+    stems joined by "+". One file is a hypernetwork of its own."""
+    bundle = Path(bundle).expanduser()
+    members = read_all(files, allow_pickle, stack=True)
+    if not members:
+        raise InvalidRequest("give at least one hypernetwork file")
+    _exported_bundle(bundle)
+    name = variant_name(members)
+    try:
+        with _bundle_lock(bundle):
+            _add_locked(bundle, members, log)
+    except OSError as e:  # a read-only bundle, a full disk: the manifest is written last, so it is unchanged
+        raise OutputNotWritable(f"adding hypernetwork {name!r} to {str(bundle)!r} failed ({e.strerror or e}); "
+                                "the bundle was left as it was. Check the free space and permissions of its "
+                                "folder") from None
+    return name
+
+
+def _hashes(entry: dict) -> list[str]:
+    return [m["sha256"] for m in entry.get("stack", [entry])]
+
+
+def _add_locked(bundle: Path, members: list[Hypernetwork], log) -> None:
+    manifest = load_manifest(bundle)  # again, under the lock: another add may have written it meanwhile
+    name = variant_name(members)
+    known = manifest.hypernetworks.get(name)
+    if known is not None:
+        if _hashes(known) != [hn.sha256 for hn in members]:
+            raise InvalidRequest(f"{str(bundle)!r} already has a hypernetwork named {name!r} from another file "
+                                 f"(sha256 {', '.join(h[:10] for h in _hashes(known))}); rename the new file")
+        log(f"hypernetwork {name}: already in {bundle}")
+        return
+    entries = bake_into(bundle, members, check_feeds(manifest), log=log)
+    try:
+        raw = json.loads((bundle / names.MANIFEST_FILE).read_text(encoding="utf-8"))
+        manifest.graphs.update(entries["graphs"])
+        manifest.cpu_graphs.update(entries["cpu_graphs"])
+        manifest.hypernetworks.update(entries["hypernetworks"])
+        for comp, spec in entries["graphs"].items():
+            data_file = f"{names.UNET}/{names.HYPERNET_FOLDER}/{name}.onnx_data"
+            rels = [spec.path, entries["cpu_graphs"].get(comp), data_file]
+            manifest.files.update({rel: sha256_file(bundle / rel) for rel in rels if rel})
+        _write_manifest(bundle, manifest, raw, entries["errors"])
+    except BaseException:  # the manifest is unchanged (atomic write): drop the unlisted files too
+        remove_variant(bundle / names.UNET, name)
+        raise
+
+
+def remove_hypernetwork(bundle: str | Path, name: str, log=print) -> None:
+    """Take hypernetwork (or stack) `name` out of a bundle (`sdrt hypernetwork remove`)."""
+    bundle = Path(bundle).expanduser()
+    load_manifest(bundle)
+    try:
+        with _bundle_lock(bundle):
+            manifest = load_manifest(bundle)
+            entry = manifest.hypernetworks.get(name)
+            if entry is None:
+                have = ", ".join(sorted(manifest.hypernetworks)) or "none"
+                raise InvalidRequest(f"{str(bundle)!r} has no hypernetwork {name!r} (it has: {have})")
+            comp = entry["component"]
+            raw = json.loads((bundle / names.MANIFEST_FILE).read_text(encoding="utf-8"))
+            gone = {manifest.graphs.pop(comp).path, manifest.cpu_graphs.pop(comp, None),
+                    f"{names.UNET}/{names.HYPERNET_FOLDER}/{name}.onnx_data"}
+            del manifest.hypernetworks[name]
+            for rel in gone:
+                manifest.files.pop(rel, None)
+            _write_manifest(bundle, manifest, raw, {}, dropped=comp)
+            remove_variant(bundle / names.UNET, name)
+    except OSError as e:
+        raise OutputNotWritable(f"removing hypernetwork {name!r} from {str(bundle)!r} failed ({e.strerror or e}); "
+                                "check the permissions of its folder") from None
+    log(f"removed hypernetwork {name} from {bundle}")
