@@ -100,16 +100,18 @@ def check_variant(unet_dir: Path, members: list[Hypernetwork], rewired: dict[str
     for graph, variant in _variant_files(name).items():
         if variant not in rewired:
             continue
+        # One ONNX Runtime session at a time: each holds the U-Net's weights (10 GB for SDXL's in fp32).
         plain = OrtEngine(unet_dir / graph, names.UNET)(**feeds)[names.OUT_SAMPLE]
+        errors[f"{variant} modules vs torch"] = _check_modules(unet_dir, variant, members, rewired[variant], feeds)
         engine = OrtEngine(unet_dir / variant, names.hypernet_component(name), data_dir=unet_dir)
         off = engine(**feeds, **{k: np.float32(0) for k in strengths})[names.OUT_SAMPLE]
         errors[f"{variant} at strength 0 vs {graph}"] = _within(verify.relative_error(off, plain), OFF_LIMIT,
                                                                  name, variant, "at strength 0 differs from the plain U-Net")
-        errors[f"{variant} modules vs torch"] = _check_modules(unet_dir, variant, members, rewired[variant], feeds)
         if expected is not None:
             on = engine(**feeds, **strengths)[names.OUT_SAMPLE]
             errors[f"{variant} vs torch"] = _within(verify.relative_error(on, expected), verify.RELATIVE_ERROR_LIMIT,
                                                     name, variant, "differs from torch's U-Net with the hypernetwork")
+        del engine
     return errors
 
 
