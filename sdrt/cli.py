@@ -283,7 +283,7 @@ def _lora_option(text: str) -> tuple[Path, float]:
     path, _, weight = text.rpartition(":")
     try:
         return (Path(path), float(weight)) if path else (Path(text), 1.0)
-    except ValueError:  # a colon inside the name
+    except ValueError:
         return Path(text), 1.0
 
 

@@ -72,7 +72,8 @@ class Manifest:
     source_hash: str | None = None
     cpu_graphs: dict[str, str] = field(default_factory=dict)  # component -> graph ONNX Runtime's CPU backend opens
     int8_graphs: dict[str, str] = field(default_factory=dict)  # component -> int8 graph, opened only when asked
-    # name -> {"component": its U-Net variant in graphs, "file", "sha256": of the .pt, "widths": those it changes}
+    # name -> {"component": its U-Net variant in graphs, "file", "sha256": of the .pt, "widths": those it changes},
+    # or for a stack "a+b" {"component", "stack": [{"name", "file", "sha256", "widths"}, ...]} in its order
     hypernetworks: dict[str, dict[str, Any]] = field(default_factory=dict)
     versions: dict[str, str] = field(default_factory=dict)
     format_version: int = FORMAT_VERSION
