@@ -239,6 +239,9 @@ def test_bad_files_are_refused_with_what_to_do(hn, tmp_path):
         torch.save(content, tmp_path / f"{name}.pt")
         with pytest.raises(InvalidRequest, match=re.escape(message)):
             read_hypernetwork(tmp_path / f"{name}.pt", allow_pickle=True)
+    (tmp_path / "legacy.pt").write_bytes(pickle.dumps({768: ({}, {})}))  # torch < 1.6's plain pickle
+    with pytest.raises(InvalidRequest, match=r"not in torch's zip format \(torch >= 1.6\); re-save it with torch.save"):
+        read_hypernetwork(tmp_path / "legacy.pt", allow_pickle=True)
     (tmp_path / "x.safetensors").write_bytes(b"")
     with pytest.raises(InvalidRequest, match="is not a .pt file"):
         read_hypernetwork(tmp_path / "x.safetensors", allow_pickle=True)

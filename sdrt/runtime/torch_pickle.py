@@ -61,8 +61,9 @@ def read_torch_pickle(path: Path, what: str) -> dict:
             with archive.open(pkl) as f:
                 data = _TensorUnpickler(f, archive, pkl.rsplit("/", 1)[0]).load()
     except (zipfile.BadZipFile, StopIteration):
+        fix = "as .safetensors" if what == "embedding" else "with torch.save in torch >= 1.6"
         raise InvalidRequest(f"{what} {str(path)!r} is not in torch's zip format (torch >= 1.6); re-save it "
-                             "as .safetensors") from None
+                             f"{fix}") from None
     except (pickle.UnpicklingError, KeyError, ValueError, TypeError, EOFError) as e:
         raise InvalidRequest(f"{what} {str(path)!r} could not be read safely ({e})") from None
     if not isinstance(data, dict):
