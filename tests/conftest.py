@@ -68,3 +68,32 @@ def latents(batch: int = 1, seed: int = 0, size: int = 8) -> np.ndarray:
 def pixels(images) -> np.ndarray:
     """PIL images -> (B, H, W, 3) floats in [0, 1]."""
     return np.stack([np.asarray(im, dtype=np.float32) / 255 for im in images])
+
+
+@pytest.fixture(scope="session")
+def hn(tmp_path_factory):
+    """Per family: the model folder, its bundle with one hypernetwork (SD1 baked while exporting, SD2 added to
+    the exported bundle), the torch modules, and diffusers' pipeline on the same weights."""
+    import sdrt
+    from diffusers import StableDiffusionPipeline
+    from hypernet_files import HYPERNET_FILES, TEXT_WIDTHS, write_a1111
+
+    from sdrt.export import add_hypernetwork, export_bundle
+
+    root = tmp_path_factory.mktemp("hypernet")
+    out = {}
+    for i, family in enumerate(("sd1", "sd2")):
+        src = build_model(root / f"{family}-src", family, seed=10 + i, hidden=TEXT_WIDTHS[family])
+        file = root / f"{family}_style.pt"
+        modules = write_a1111(file, [32, TEXT_WIDTHS[family], 64], seed=i, **HYPERNET_FILES[family])
+        bundle = root / f"{family}-bundle"
+        if family == "sd1":
+            export_bundle(src, bundle, log=lambda *_: None, hypernetworks=[file], allow_pickle=True)
+        else:
+            export_bundle(src, bundle, log=lambda *_: None)
+            add_hypernetwork(bundle, file, allow_pickle=True, log=lambda *_: None)
+        ref = StableDiffusionPipeline.from_pretrained(src, safety_checker=None, requires_safety_checker=False)
+        ref.set_progress_bar_config(disable=True)
+        out[family] = dict(src=src, bundle=bundle, file=file, modules=modules, ref=ref, name=file.stem,
+                           pipe=sdrt.Pipeline.load(bundle))
+    return out

@@ -12,6 +12,12 @@ from __future__ import annotations
 import inspect
 from pathlib import Path
 
+TEXT_WIDTHS = {"sd1": 48, "sd2": 40}  # the test models' text widths: apart from their attention widths 32, 64
+HYPERNET_FILES = {  # the parity files: SD1's with layer norm and a dropout gap, SD2's Hardswish with activate_output
+    "sd1": dict(activation="relu", layer_norm=True, dropout_structure=(0, 0.3, 0), activate_output=False),
+    "sd2": dict(activation="swish", activate_output=True, layer_structure=(1, 1.5, 1)),
+}
+
 
 def activation_dict():
     """A1111's: its explicit names plus torch.nn's activation classes by lower-cased name."""
@@ -109,3 +115,17 @@ class ReferenceProcessor:
         split = [t.reshape(b, t.shape[1], heads, -1).permute(0, 2, 1, 3) for t in (q, k, v)]
         out = F.scaled_dot_product_attention(*split).permute(0, 2, 1, 3).reshape(b, n, -1)
         return attn.to_out[1](attn.to_out[0](out))
+
+
+class with_processor:
+    """diffusers' U-Net with A1111's rule in every attention while inside (then: more files after it)."""
+
+    def __init__(self, unet, modules, strength, then=()):
+        self.unet, self.processor = unet, ReferenceProcessor(modules, strength, then)
+
+    def __enter__(self):
+        self.before = self.unet.attn_processors
+        self.unet.set_attn_processor(self.processor)
+
+    def __exit__(self, *exc):
+        self.unet.set_attn_processor(self.before)
