@@ -7,24 +7,18 @@ writes. So the bundle loads, every listed file matching its hash, at every momen
 """
 from __future__ import annotations
 
-import contextlib
 import json
-import os
 from pathlib import Path
 
 import numpy as np
 
 from ..errors import InvalidRequest, OutputNotWritable
 from ..runtime import names
-from ..runtime.fsutil import atomic_write_bytes, sha256_file
+from ..runtime.fsutil import atomic_write_bytes, exclusive_lock, sha256_file
 from ..runtime.manifest import FORMAT_VERSION, Manifest, load_manifest
 from .hypernet_file import Hypernetwork
 from .hypernetwork import bake_into, read_all, remove_variant, variant_name
 
-try:
-    import fcntl
-except ImportError:  # Windows: no flock; two `hypernetwork add` at once are not protected there
-    fcntl = None
 
 
 def check_feeds(manifest: Manifest) -> dict[str, np.ndarray]:
@@ -41,15 +35,8 @@ def check_feeds(manifest: Manifest) -> dict[str, np.ndarray]:
                                                               manifest.text_hidden_size), dtype=np.float32)}
 
 
-@contextlib.contextmanager
 def _bundle_lock(bundle: Path):
-    fd = os.open(bundle / ".sdrt.lock", os.O_RDWR | os.O_CREAT, 0o666)
-    try:
-        if fcntl is not None:
-            fcntl.flock(fd, fcntl.LOCK_EX)
-        yield
-    finally:
-        os.close(fd)
+    return exclusive_lock(bundle / ".sdrt.lock")
 
 
 def _write_manifest(bundle: Path, manifest: Manifest, raw: dict, errors: dict, dropped: str | None = None) -> None:

@@ -1,10 +1,17 @@
-"""Atomic file writes and hashing: a reader sees the old file or the new one, never half of one."""
+"""Atomic file writes, hashing and file locks: a reader sees the old file or the new one, never half of one."""
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import tempfile
 from pathlib import Path
+from typing import Callable
+
+try:
+    import fcntl
+except ImportError:  # Windows: no flock; writers there are not protected against each other
+    fcntl = None
 
 from ..errors import OutputNotWritable
 
@@ -88,3 +95,21 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
         tmp.unlink(missing_ok=True)
         raise
     fsync_dir(path.parent)
+
+
+@contextlib.contextmanager
+def exclusive_lock(path: Path, on_wait: Callable[[], None] | None = None):
+    """An exclusive flock on the file `path` (created if missing) while inside; the kernel drops it when the
+    holder dies, so a killed process never blocks the next one. on_wait: called once when another holds it."""
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
+    try:
+        if fcntl is not None:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                if on_wait is not None:
+                    on_wait()
+                fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)  # closing the descriptor releases the flock

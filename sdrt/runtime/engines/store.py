@@ -8,10 +8,8 @@ second build of the same engine wait for the first and then reuse its result.
 """
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
-import os
 import re
 import time
 import warnings
@@ -21,14 +19,10 @@ from typing import Callable
 
 from ... import __version__
 from ...errors import EngineNotBuilt, StaleEngine
-from ..fsutil import atomic_write_bytes, sha256_file
+from ..fsutil import atomic_write_bytes, exclusive_lock, sha256_file
 from .. import names
 from ..manifest import Manifest
 
-try:
-    import fcntl
-except ImportError:  # Windows: no flock; builds there are not protected against each other
-    fcntl = None
 
 FORMAT = "sdrt-engine"
 FORMAT_VERSION = 1
@@ -209,22 +203,11 @@ class EngineStore:
                 gone.append(p)
         return gone
 
-    @contextlib.contextmanager
     def lock(self, name: str, log: Callable[[str], None] = lambda _: None):
-        """An exclusive flock on `.<name>.lock`; the kernel drops it when the holder dies, so a killed build
-        never blocks the next one."""
+        """An exclusive flock on `.<name>.lock` (fsutil.exclusive_lock): a killed build never blocks the next one."""
         self.dir.mkdir(parents=True, exist_ok=True)
-        fd = os.open(self.dir / f".{name}.lock", os.O_RDWR | os.O_CREAT, 0o666)
-        try:
-            if fcntl is not None:
-                try:
-                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                except BlockingIOError:
-                    log(f"{name}: another build of this engine is running; waiting for it")
-                    fcntl.flock(fd, fcntl.LOCK_EX)
-            yield
-        finally:
-            os.close(fd)  # closing the descriptor releases the flock
+        return exclusive_lock(self.dir / f".{name}.lock",
+                              on_wait=lambda: log(f"{name}: another build of this engine is running; waiting for it"))
 
     def ensure(self, identity: EngineIdentity, build: Callable[[], tuple[object, dict]],
                log: Callable[[str], None] = lambda _: None) -> tuple[dict, bool]:
