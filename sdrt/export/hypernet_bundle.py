@@ -50,7 +50,7 @@ def _write_manifest(bundle: Path, manifest: Manifest, raw: dict, errors: dict, d
 
 
 def _exported_bundle(bundle: Path) -> Manifest:
-    manifest = load_manifest(bundle)  # a bundle, every file matching its hash
+    manifest = load_manifest(bundle, verify_hashes=False)  # hashes: once, under the lock (_add_locked)
     if not manifest.hashed or not (bundle / names.UNET / names.LORA_MAP_FILE).is_file():
         raise InvalidRequest(f"{str(bundle)!r} was not exported by this sdrt (an optimum folder or an older bundle: "
                              f"no unet/{names.LORA_MAP_FILE}); export it with `sdrt export SRC --out BUNDLE "
@@ -91,7 +91,7 @@ def _hashes(entry: dict) -> list[str]:
 
 
 def _add_locked(bundle: Path, members: list[Hypernetwork], log) -> None:
-    manifest = load_manifest(bundle)  # again, under the lock: another add may have written it meanwhile
+    manifest = load_manifest(bundle)  # under the lock (another add may have written it meanwhile), hashes checked
     name = variant_name(members)
     known = manifest.hypernetworks.get(name)
     if known is not None:
@@ -119,7 +119,7 @@ def _add_locked(bundle: Path, members: list[Hypernetwork], log) -> None:
 def remove_hypernetwork(bundle: str | Path, name: str, log=print) -> None:
     """Take hypernetwork (or stack) `name` out of a bundle (`sdrt hypernetwork remove`)."""
     bundle = Path(bundle).expanduser()
-    load_manifest(bundle)
+    load_manifest(bundle, verify_hashes=False)  # a bundle at all, before its lock file is made; hashes below
     try:
         with _bundle_lock(bundle):
             manifest = load_manifest(bundle)
