@@ -17,7 +17,7 @@ from ..runtime import names
 from ..runtime.fsutil import atomic_write_bytes, exclusive_lock, sha256_file
 from ..runtime.manifest import FORMAT_VERSION, Manifest, load_manifest
 from .hypernet_file import Hypernetwork
-from .hypernetwork import bake_into, read_all, remove_variant, variant_name
+from .hypernetwork import bake_into, read_all, remove_variant, variant_data, variant_name
 
 
 
@@ -107,7 +107,7 @@ def _add_locked(bundle: Path, members: list[Hypernetwork], log) -> None:
         manifest.cpu_graphs.update(entries["cpu_graphs"])
         manifest.hypernetworks.update(entries["hypernetworks"])
         for comp, spec in entries["graphs"].items():
-            data_file = f"{names.UNET}/{names.HYPERNET_FOLDER}/{name}.onnx_data"
+            data_file = f"{names.UNET}/{variant_data(name)}"
             rels = [spec.path, entries["cpu_graphs"].get(comp), data_file]
             manifest.files.update({rel: sha256_file(bundle / rel) for rel in rels if rel})
         _write_manifest(bundle, manifest, raw, entries["errors"])
@@ -130,7 +130,7 @@ def remove_hypernetwork(bundle: str | Path, name: str, log=print) -> None:
             comp = entry["component"]
             raw = json.loads((bundle / names.MANIFEST_FILE).read_text(encoding="utf-8"))
             gone = {manifest.graphs.pop(comp).path, manifest.cpu_graphs.pop(comp, None),
-                    f"{names.UNET}/{names.HYPERNET_FOLDER}/{name}.onnx_data"}
+                    f"{names.UNET}/{variant_data(name)}"}
             del manifest.hypernetworks[name]
             for rel in gone:
                 manifest.files.pop(rel, None)

@@ -58,6 +58,11 @@ def _variant_files(name: str) -> dict[str, str]:
             names.CPU_MODEL_FILE: f"{names.HYPERNET_FOLDER}/{name}.cpu.onnx"}
 
 
+def variant_data(name: str) -> str:
+    """The variant's own weights (the modules'), relative to unet/."""
+    return f"{names.HYPERNET_FOLDER}/{name}.onnx_data"
+
+
 def write_variant(unet_dir: Path, members: list[Hypernetwork]) -> tuple[dict[str, list], list[list[int]]]:
     """Bake `members` (in order) into each U-Net graph in unet_dir. Returns ({variant rel path: rewired
     [(context, new, kv, width)]}, the widths applied per member)."""
@@ -80,7 +85,7 @@ def write_variant(unet_dir: Path, members: list[Hypernetwork]) -> tuple[dict[str
                                  "the bundle with this sdrt") from None
         weights.update(new)  # both graphs name each weight alike: stored once
         models[variant] = (model, rewired)
-    data = f"{names.HYPERNET_FOLDER}/{name}.onnx_data"
+    data = variant_data(name)
     bake_pass.add_weights([m for m, _ in models.values()], weights, unet_dir / data, data)
     for variant, (model, _) in models.items():
         onnx.save_model(model, str(unet_dir / variant))
@@ -188,7 +193,7 @@ def bake_into(bundle: Path, members: list[Hypernetwork], feeds: dict[str, np.nda
 
 def remove_variant(unet_dir: Path, name: str) -> None:
     """Delete what write_variant wrote for `name` (and the hypernet folder when that leaves it empty)."""
-    for rel in [*_variant_files(name).values(), f"{names.HYPERNET_FOLDER}/{name}.onnx_data"]:
+    for rel in [*_variant_files(name).values(), variant_data(name)]:
         (unet_dir / rel).unlink(missing_ok=True)
     with contextlib.suppress(OSError):
         (unet_dir / names.HYPERNET_FOLDER).rmdir()  # only when empty
