@@ -92,8 +92,14 @@ def write_variant(unet_dir: Path, members: list[Hypernetwork]) -> tuple[dict[str
     return {variant: rewired for variant, (_, rewired) in models.items()}, widths
 
 
+def _check_stack(members: list[Hypernetwork]) -> list[tuple[Hypernetwork, float]]:
+    """The members at their check strengths, in order (as float32: what the graph's inputs hold)."""
+    return [(hn, float(np.float32(CHECK_STRENGTHS[i % len(CHECK_STRENGTHS)]))) for i, hn in enumerate(members)]
+
+
 def _strengths(members: list[Hypernetwork]) -> dict[str, np.ndarray]:
-    return {names.strength_input(i): np.float32(CHECK_STRENGTHS[i % len(CHECK_STRENGTHS)]) for i in range(len(members))}
+    """The variant's strength inputs at the check strengths."""
+    return {names.strength_input(i): np.float32(s) for i, (_, s) in enumerate(_check_stack(members))}
 
 
 def check_variant(unet_dir: Path, members: list[Hypernetwork], rewired: dict[str, list],
@@ -146,7 +152,7 @@ def _check_modules(unet_dir: Path, variant: str, members: list[Hypernetwork], re
     finally:
         probe.unlink(missing_ok=True)
     values = {**feeds, **out}
-    stack = [(hn, float(s)) for hn, s in zip(members, strengths.values())]
+    stack = _check_stack(members)
     worst = 0.0
     for context, new, kv, width in rewired:
         with torch.no_grad():
@@ -168,8 +174,7 @@ def bake_into(bundle: Path, members: list[Hypernetwork], feeds: dict[str, np.nda
         if torch_unet is not None:
             import torch
 
-            stack = [(hn, float(s)) for hn, s in zip(members, _strengths(members).values())]
-            with applied(torch_unet, stack), torch.no_grad():
+            with applied(torch_unet, _check_stack(members)), torch.no_grad():
                 t = {k: torch.from_numpy(v) for k, v in feeds.items()}
                 expected = torch_unet(t[names.SAMPLE], t[names.TIMESTEP],
                                       encoder_hidden_states=t[names.ENCODER_HIDDEN_STATES]).sample.numpy()
