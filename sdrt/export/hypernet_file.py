@@ -52,10 +52,6 @@ class Module:
     activation: str
     activate_output: bool
 
-    @property
-    def width(self) -> int:
-        return int(self.layers[0].weight.shape[1])
-
     def steps(self):
         """(op, Layer or None) in the order the module computes them: ("linear", l), ("act", None|prelu), ("ln", l)."""
         linears = [i for i, layer in enumerate(self.layers) if layer.kind == "linear"]
@@ -77,10 +73,7 @@ class Hypernetwork:
     name: str  # the file's stem, as A1111 names it (and the <hypernet:name> tag)
     path: Path
     sha256: str  # of the whole file; A1111's shorthash is its first 10 hex digits
-    modules: dict[int, tuple[Module, Module]]  # width -> (K module, V module)
-    activation: str
-    layer_norm: bool
-    activate_output: bool
+    modules: dict[int, tuple[Module, Module]]  # width -> (K module, V module), each with its activation
 
     @property
     def widths(self) -> list[int]:
@@ -110,7 +103,7 @@ def parse(data: dict, path: Path) -> Hypernetwork:
         raise InvalidRequest(f"{where} uses activation {activation!r}, which sdrt does not know; "
                              f"known: {', '.join(ACTIVATIONS)}")
     activation = activation.lower()
-    layer_norm = bool(data.get("is_layer_norm", False))
+    # is_layer_norm is not read: the LayerNorms' own weights (1-D, between the Linears) say where they are
     activate_output = bool(data.get("activate_output", True))  # A1111's default for files without the key
     modules = {}
     for width, pair in data.items():
@@ -123,7 +116,7 @@ def parse(data: dict, path: Path) -> Hypernetwork:
                                for sd, kv in zip(pair, ("K", "V")))
     if not modules:
         raise InvalidRequest(f"{where} holds no modules (no integer width keys such as 768); is it a hypernetwork?")
-    return Hypernetwork(path.stem, path, sha256_file(path), modules, activation, layer_norm, activate_output)
+    return Hypernetwork(path.stem, path, sha256_file(path), modules)
 
 
 def _module(state: dict, width: int, activation: str, activate_output: bool, where: str) -> Module:
@@ -185,9 +178,3 @@ def check_widths(hn: Hypernetwork, block_widths: set[int], text_width: int) -> l
             f"widths {sorted(block_widths)} and text width {text_width}: it was made for another model family "
             f"(768: SD 1.x, 1024: SD 2.x)")
     return used
-
-
-def digest_name(hn: Hypernetwork) -> str:
-    """A1111's shorthash: the first 10 hex digits of the file's sha256."""
-    return hn.sha256[:10]
-
