@@ -7,6 +7,7 @@
 __version__ = "0.1.0"
 
 from .errors import SdrtError  # noqa: E402
+from .runtime.controlnet import Control, ControlNet  # noqa: E402
 from .runtime.pipeline import Pipeline  # noqa: E402
 
-__all__ = ["Pipeline", "SdrtError", "__version__"]
+__all__ = ["Control", "ControlNet", "Pipeline", "SdrtError", "__version__"]

@@ -7,6 +7,10 @@ sdrt.runtime never imports sdrt.export. `bundle` runs the stages; `families/` sa
 components are; `passes/` rewrites exported graphs.
 """
 from .bundle import export_bundle
+from .controlnet import export_controlnet
+from .controlnet_source import is_controlnet
+from .controlnet_unet import prepare as prepare_controlnet
 from .hypernet_bundle import add_hypernetwork, add_stack, remove_hypernetwork
 
-__all__ = ["add_hypernetwork", "add_stack", "export_bundle", "remove_hypernetwork"]
+__all__ = ["add_hypernetwork", "add_stack", "export_bundle", "export_controlnet", "is_controlnet",
+           "prepare_controlnet", "remove_hypernetwork"]

@@ -24,8 +24,8 @@ from ..runtime.engines import native_ops
 from ..runtime.fsutil import atomic_write_bytes, fsync_dir, make_temp_dir, relax_permissions, sha256_file
 from ..runtime.manifest import Manifest
 from ..runtime.tokenizer import ClipTokenizer, load_tokenizer_files
+from . import controlnet_unet, trace, verify
 from . import hypernetwork as hypernet_mod
-from . import trace, verify
 from .trace import graph_spec
 from .families import ExportFamily, family_for
 from .passes import PassContext, Unsupported, cpu_graph, native_graph, winograd
@@ -158,6 +158,13 @@ def _write_bundle(family: ExportFamily, source: Source, out: Path, height: int |
                                                                           limit=int8_mod.INT8_ERROR_LIMIT)
                 int8_graphs[comp] = f"{comp}/{names.INT8_MODEL_FILE}"
         family.write_files(source, tmp, tokenizer)
+        residuals = []
+        if (layout := family.residual_layout(source)) is not None:  # the U-Net that takes ControlNet residuals
+            entries = controlnet_unet.add_to(tmp, layout, unet_feeds, source.unet, log)
+            graphs.update(entries["graphs"])
+            cpu_graphs.update(entries["cpu_graphs"])
+            errors.update(entries["errors"])
+            residuals = entries["residuals"]
         for hn in hypernetworks:  # U-Net variants, from its finished graphs and lora_map.json
             entries = hypernet_mod.bake_into(tmp, [hn], unet_feeds, source.unet, log)
             graphs.update(entries["graphs"])
@@ -168,7 +175,8 @@ def _write_bundle(family: ExportFamily, source: Source, out: Path, height: int |
         files = {p.relative_to(tmp).as_posix(): sha256_file(p) for p in sorted(tmp.rglob("*")) if p.is_file()}
         manifest = Manifest(
             graphs=graphs, default_height=height, default_width=width, files=files, source_hash=source.hash,
-            cpu_graphs=cpu_graphs, int8_graphs=int8_graphs, hypernetworks=hypernets, versions=_versions(),
+            cpu_graphs=cpu_graphs, int8_graphs=int8_graphs, hypernetworks=hypernets, residuals=residuals,
+            versions=_versions(),
             **family.manifest_fields(source, tokenizer, pad_id), family=family.name,
             family_settings=family.settings(source))
         data = manifest.to_json()

@@ -40,12 +40,14 @@ def _check_divisible(ck: Mapping, channels, by: int, what: str) -> None:
         raise layout_error(ck, f"{what} needs channel counts that are multiples of {by}; the weights have {bad[0]}")
 
 
-def unet_config(ck: Mapping, family: str, base: dict) -> dict:
+def unet_config(ck: Mapping, family: str, base: dict, prefix: str = UNET, controlnet: bool = False) -> dict:
+    """The U-Net's diffusers config from its weights under `prefix`; controlnet: a ControlNet's copy of the down
+    path and mid block (no output blocks)."""
     keys = ck.keyset
-    conv_in = ck.shape(UNET + "input_blocks.0.0.weight")  # (C0, in, 3, 3)
+    conv_in = ck.shape(prefix + "input_blocks.0.0.weight")  # (C0, in, 3, 3)
     levels, level = [], []
-    for i in indices(keys, UNET + "input_blocks.")[1:]:
-        p = f"{UNET}input_blocks.{i}."
+    for i in indices(keys, prefix + "input_blocks.")[1:]:
+        p = f"{prefix}input_blocks.{i}."
         if p + "0.op.weight" in keys:  # a downsampler closes the level
             levels.append(level)
             level = []
@@ -60,13 +62,13 @@ def unet_config(ck: Mapping, family: str, base: dict) -> dict:
     layers = per_level.pop()
     channels = [lv[0][0] for lv in levels]
     attention = [lv[0][1] for lv in levels]
-    n_out = len(indices(keys, UNET + "output_blocks."))
-    if n_out != len(levels) * (layers + 1):
+    n_out = len(indices(keys, prefix + "output_blocks."))
+    if not controlnet and n_out != len(levels) * (layers + 1):
         raise layout_error(ck, f"the U-Net has {n_out} output blocks where its input blocks imply "
                                 f"{len(levels) * (layers + 1)}")
-    if UNET + "middle_block.1.proj_in.weight" not in keys or not any(attention):
+    if prefix + "middle_block.1.proj_in.weight" not in keys or not any(attention):
         raise layout_error(ck, "the U-Net has no cross-attention (model.diffusion_model.middle_block.1.*)")
-    first = next((k for k in sorted(keys) if k.startswith(UNET) and k.endswith(".attn2.to_k.weight")), None)
+    first = next((k for k in sorted(keys) if k.startswith(prefix) and k.endswith(".attn2.to_k.weight")), None)
     if first is None:
         raise layout_error(ck, "the U-Net has no cross-attention key projections (attn2.to_k)")
     attn_prefix = first.split("transformer_blocks.")[0]
@@ -78,10 +80,10 @@ def unet_config(ck: Mapping, family: str, base: dict) -> dict:
     else:
         _check_divisible(ck, channels, SD2_UNET_HEAD_CHANNELS, "SD 2.x's 64-channel attention heads")
         heads = [c // SD2_UNET_HEAD_CHANNELS for c in channels]
-    return {**base, "in_channels": conv_in[1], "out_channels": ck.shape(UNET + "out.2.weight")[0],
-            "block_out_channels": channels, "layers_per_block": layers,
+    out = {} if controlnet else {"out_channels": ck.shape(prefix + "out.2.weight")[0],
+                                 "up_block_types": ["CrossAttnUpBlock2D" if a else "UpBlock2D" for a in reversed(attention)]}
+    return {**base, **out, "in_channels": conv_in[1], "block_out_channels": channels, "layers_per_block": layers,
             "down_block_types": ["CrossAttnDownBlock2D" if a else "DownBlock2D" for a in attention],
-            "up_block_types": ["CrossAttnUpBlock2D" if a else "UpBlock2D" for a in reversed(attention)],
             "cross_attention_dim": ck.shape(first)[1], "use_linear_projection": len(proj_in) == 2,
             "transformer_layers_per_block": len(indices(keys, attn_prefix + "transformer_blocks.")),
             "attention_head_dim": heads, "norm_num_groups": GROUP_NORM_GROUPS}

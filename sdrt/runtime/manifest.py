@@ -12,12 +12,13 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ..errors import BundleCorrupt, BundleNotFound, UnsupportedBundleVersion
+from ..errors import BundleCorrupt, BundleNotFound, InvalidRequest, UnsupportedBundleVersion
 from . import names
 from .families import Family, family_of
 from .fsutil import sha256_file
 
 FORMAT = "sdrt-bundle"
+CONTROLNET_FORMAT = "sdrt-controlnet"  # a ControlNet bundle's manifest (runtime/controlnet.py)
 FORMAT_VERSION = 2  # 2: the text encoder takes token embeddings (looked up from token_embeddings) and returns
 READABLE_VERSIONS = (1, 2)  # every layer's hidden states; 1: it took input_ids, as optimum's does
 REEXPORT = "re-export it with `sdrt export SRC --out BUNDLE`"
@@ -75,6 +76,9 @@ class Manifest:
     # name -> {"component": its U-Net variant in graphs, "file", "sha256": of the .pt, "widths": those it changes},
     # or for a stack "a+b" {"component", "stack": [{"name", "file", "sha256", "widths"}, ...]} in its order
     hypernetworks: dict[str, dict[str, Any]] = field(default_factory=dict)
+    # The residual inputs of the ControlNet U-Net (graphs["unet-controlnet"]), down 0..N-1 then mid:
+    # [{"name", "channels", "level"}], level L: the latent size halved (rounding up) L times. Empty: no such graph.
+    residuals: list[dict[str, Any]] = field(default_factory=list)
     versions: dict[str, str] = field(default_factory=dict)
     format_version: int = FORMAT_VERSION
     family: str = "sd"  # the model family (runtime/families): SD 1.x/2.x, or one registered beside it
@@ -104,8 +108,9 @@ class Manifest:
         d = {k: v for k, v in asdict(self).items() if k not in ("graphs", "hashed")}
         if self.family == "sd" and not self.family_settings:  # SD bundles read as they did before families
             del d["family"], d["family_settings"]
-        if not self.hypernetworks:  # bundles without them read as before
-            del d["hypernetworks"]
+        for optional in ("hypernetworks", "residuals"):  # bundles without them read as before
+            if not d[optional]:
+                del d[optional]
         d["graphs"] = {k: g.to_json() for k, g in self.graphs.items()}
         return {"format": FORMAT, **d}
 
@@ -137,6 +142,9 @@ def _parse(path: Path) -> Manifest:
         raw = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
         raise BundleCorrupt(f"{str(path)!r} is unreadable or not valid JSON ({e}); {REEXPORT}") from None
+    if isinstance(raw, dict) and raw.get("format") == CONTROLNET_FORMAT:
+        raise InvalidRequest(f"{str(path.parent)!r} is a ControlNet bundle, not a model: load a model bundle and pass "
+                            "this one with --controlnet (sdrt.ControlNet.load)")
     if not isinstance(raw, dict) or raw.get("format") != FORMAT:
         raise BundleCorrupt(f"{str(path)!r} is not an sdrt manifest (expected \"format\": \"{FORMAT}\"); {REEXPORT}")
     version = raw.get("format_version")

@@ -100,6 +100,13 @@ class ImageModes:
         out = self._engine(names.DEPTH_ESTIMATOR)(**{names.PIXEL_VALUES: dpt_pixels(image)})
         return out[names.PREDICTED_DEPTH][0].astype(np.float32)
 
+    def _depth_map(self, image: Image.Image) -> np.ndarray:
+        """A ControlNet's "depth" preprocessor: this bundle's estimator, or a typed error naming what to do."""
+        if names.DEPTH_ESTIMATOR not in self.manifest.graphs:
+            raise InvalidRequest("the depth preprocessor runs the model bundle's depth estimator, and this bundle has "
+                                 "none (only SD 2 depth models carry one): give a depth map as the control image")
+        return self.estimate_depth(image)
+
     # -- shared pieces ------------------------------------------------------------------------------
     def encode_image(self, pixels: np.ndarray, job) -> np.ndarray:
         """(1, 3, H, W) in [-1, 1] -> (B, 4, H/8, W/8) latents: the encoder's distribution, sampled once per

@@ -65,7 +65,31 @@ def hypernet_component(name: str) -> str:
 
 def is_unet(component: str) -> bool:
     """The U-Net or one of its variants (same inputs and outputs, and maybe more inputs)."""
-    return component == UNET or component.startswith(HYPERNET_COMPONENT)
+    return component in (UNET, UNET_CONTROLNET) or component.startswith(HYPERNET_COMPONENT)
+
+
+# ControlNet (runtime/controlnet.py). The U-Net variant that takes a ControlNet's residuals, written beside the
+# U-Net's graphs (export/passes/residuals.py): unet/model.controlnet.onnx (+ model.controlnet.cpu.onnx), the plain
+# graphs with one Add per skip connection and one after the mid block, reading the same unet/model.onnx_data.
+# Inputs: the U-Net's, plus down_block_additional_residual_{0..N-1} (N = 12 for SD 1.x/2.x) and
+# mid_block_additional_residual, each (B, C_i, h_i, w_i): what diffusers' U-Net takes as
+# down_block_additional_residuals / mid_block_additional_residual.
+UNET_CONTROLNET = "unet-controlnet"
+CONTROLNET_MODEL_FILE = "model.controlnet.onnx"
+CONTROLNET_CPU_MODEL_FILE = "model.controlnet.cpu.onnx"
+MID_RESIDUAL = "mid_block_additional_residual"
+# A ControlNet bundle: controlnet/model.onnx (+ model.cpu.onnx): sample, timestep, encoder_hidden_states and
+# controlnet_cond (B, 3, H, W) RGB in [0, 1] -> the residuals, by the names the U-Net variant takes them.
+CONTROLNET = "controlnet"
+CONTROLNET_COND = "controlnet_cond"
+
+
+def down_residual(i: int) -> str:
+    return f"down_block_additional_residual_{i}"
+
+
+def is_residual(name: str) -> bool:
+    return name == MID_RESIDUAL or name.startswith("down_block_additional_residual_")
 
 
 def data_dir(rel: str) -> str:

@@ -5,7 +5,7 @@ everything else prepares its inputs or checks its outputs.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Callable
 
@@ -13,6 +13,7 @@ import numpy as np
 
 from .. import __version__, embedded
 from ..errors import BundleNotFound, EngineNotBuilt, InvalidRequest, NonFiniteOutput
+from . import controls as _controls
 from . import hypernetworks, lora, names, request
 from . import watermark as _watermark
 from .embeddings import load_embedding
@@ -39,6 +40,7 @@ class Pipeline(ImageModes):
         self._patched: set[str] = set()  # components whose engines run on patched weights
         self._unet_patches: dict | None = None  # the U-Net's LoRA patches: its hypernetwork variants take them too
         self._variant: tuple[str, Engine] | None = None  # the hypernetwork U-Net opened last (one at a time)
+        self._controlled: Engine | None = None  # the U-Net that takes ControlNet residuals, opened at first use
 
     @classmethod
     def load(cls, path: str | Path | None = None, backend: str = "auto", threads: int | None = None,
@@ -100,7 +102,7 @@ class Pipeline(ImageModes):
                 self.engines[comp] = OrtEngine(old.path, comp, old.threads, patches.get(comp))
         self._patched = set(patches)
         self.loras = wanted
-        self._unet_patches, self._variant = patches.get(names.UNET), None  # reopened on the new weights
+        self._unet_patches, self._variant, self._controlled = patches.get(names.UNET), None, None  # reopened
 
     def _request_loras(self, prompt: str, loras) -> list[tuple[Path, float]]:
         """--lora files plus the prompt's <lora:name:w> tags, resolved in lora_dirs."""
@@ -124,12 +126,16 @@ class Pipeline(ImageModes):
         (unet, strength), total = self._unet(job), len(sampler.timesteps)
         scalar_t = len(unet.inputs[names.TIMESTEP].shape) == 0  # optimum's graphs take one scalar timestep
         for i in range(start, total):
-            x_in = sampler.scale_model_input(x, i)
+            x_in = latents_in = sampler.scale_model_input(x, i)  # (B, 4, h, w): what ControlNets see
             if extra is not None:
                 x_in = np.concatenate([x_in, extra], axis=1)  # (B, 4 + C', h, w)
             x_in = np.concatenate([x_in, x_in]) if cfg else x_in
-            t = np.float32(sampler.timesteps[i]) if scalar_t else np.full(len(x_in), sampler.timesteps[i], np.float32)
-            eps = unet(**{names.SAMPLE: x_in, names.TIMESTEP: t, **cond, **strength})[names.OUT_SAMPLE]
+            t_rows = np.full(len(x_in), sampler.timesteps[i], np.float32)
+            t = np.float32(sampler.timesteps[i]) if scalar_t else t_rows
+            residuals = job.guide and job.guide.residuals(  # None where no ControlNet acts
+                i - start, total - start, latents_in, t_rows, cond[names.ENCODER_HIDDEN_STATES], cfg)
+            net = self._controlled_unet() if residuals else unet
+            eps = net(**{names.SAMPLE: x_in, names.TIMESTEP: t, **cond, **strength, **(residuals or {})})[names.OUT_SAMPLE]
             eps = _finite(np.asarray(eps, np.float32), "U-Net", step=i)  # no copy when already fp32
             if cfg:
                 eps_uncond, eps_cond = eps[: len(x)], eps[len(x):]  # views: np.split costs 4x more per step
@@ -151,6 +157,15 @@ class Pipeline(ImageModes):
             self._variant = None  # one variant open at a time: each session holds the U-Net's weights
             self._variant = (hn.component, self._open_variant(hn))
         return self._variant[1], hn.feeds()
+
+    def _controlled_unet(self) -> Engine:
+        """The U-Net that takes ControlNet residuals (unet/model.controlnet*.onnx), on the U-Net's LoRA weights."""
+        if self._controlled is None:
+            rel = self.manifest.cpu_graphs.get(names.UNET_CONTROLNET, self.manifest.graphs[names.UNET_CONTROLNET].path)
+            engine = OrtEngine(self.path / rel, names.UNET_CONTROLNET, self.threads, self._unet_patches)
+            check_io(self.manifest, {names.UNET_CONTROLNET: engine})
+            self._controlled = engine
+        return self._controlled
 
     def _open_variant(self, hn: hypernetworks.Choice) -> Engine:
         if self.int8:
@@ -188,8 +203,12 @@ class Pipeline(ImageModes):
         hypernetwork="name" / "name:0.8" / ("name", 0.8) (one of the bundle's, as a <hypernet:name:0.8> tag does),
         watermark=None (the reference scripts' invisible watermark when its extra is installed).
 
+        controls=[sdrt.Control(sdrt.ControlNet.load(CN_BUNDLE), image, weight=1.0, start=0.0, end=1.0)] (several
+        sum their residuals; without height/width txt2img takes the first control image's size), guess_mode=False
+        (diffusers': the nets see the positive prompt only, their residuals ramped 0.1 -> 1).
+
         Returns PIL images whose `info["parameters"]` holds the settings in AUTOMATIC1111's format."""
-        job = self._job(prompt, **options)
+        job = self._job(prompt, **_controls.size_from(options.get("controls"), options))
         self._require_unet(self.manifest.latent_channels, "text-to-image")
         if latents is not None:
             latents = request.check_latents(latents, job.latent_shape)
@@ -207,7 +226,7 @@ class Pipeline(ImageModes):
 
     def _job(self, prompt, negative_prompt="", steps=20, guidance=7.5, seed=None, sampler="euler", height=None,
              width=None, batch=1, eta=None, clip_skip=1, emphasis=True, truncate=False, loras=None,
-             watermark=None, hypernetwork=None) -> "_Job":
+             watermark=None, hypernetwork=None, controls=None, guess_mode=False) -> "_Job":
         """Check the options every mode shares, apply the request's LoRAs, draw a seed when none is given."""
         prompt = request.check_prompt(prompt)
         prompt = hypernetworks.add_option(prompt, hypernetwork)  # as its tag: the PNG records it
@@ -233,7 +252,23 @@ class Pipeline(ImageModes):
             latent_shape=(batch, m.latent_channels, height // m.vae_scale_factor, width // m.vae_scale_factor),
             noise=request.BatchNoise([seed + i for i in range(batch)]))
         self.set_loras(self._request_loras(job.prompt, loras))
-        return job
+        controls = self._check_controls(_controls.check_controls(controls, guess_mode), job)
+        guide = _controls.Guide.make(controls, guess_mode, width, height, batch, job.guidance > 1.0, self._depth_map)
+        return replace(job, guide=guide) if guide else job
+
+    def _check_controls(self, controls, job: "_Job") -> tuple:
+        if not controls:
+            return controls
+        what = ("the int8 U-Net" if self.int8 else "TensorRT engines" if self.backend == "tensorrt"
+                else "hypernetworks" if job.hypernetwork is not None and not job.hypernetwork.off else None)
+        if what:
+            raise InvalidRequest(f"ControlNet does not combine with {what} yet: drop one of the two"
+                                 + (" (load the pipeline with backend='onnxruntime')" if "Tensor" in what else ""))
+        if names.UNET_CONTROLNET not in self.manifest.graphs:
+            raise _controls.residual_unet_missing(self.path.name)
+        for c in controls:
+            c.net.check_fits(self.manifest, self.path.name)
+        return controls
 
     def _text_options(self, clip_skip, emphasis, truncate) -> TextOptions:
         for value, what in ((emphasis, "emphasis"), (truncate, "truncate")):
@@ -267,6 +302,8 @@ class Pipeline(ImageModes):
                 settings["Emphasis"] = "None"
             if marked[i]:
                 settings["Watermark"] = f"dwtDct {payload}"
+            if job.guide:
+                settings.update(_controls.infotext(job.guide.controls, job.guide.guess_mode))
             if self.loras:
                 settings["Lora"] = ", ".join(f"{x.path.stem}: {x.weight:g}" for x in self.loras)
             if seeded:
@@ -295,6 +332,7 @@ class _Job:
     latent_shape: tuple  # (B, 4, H/8, W/8)
     noise: request.BatchNoise
     hypernetwork: hypernetworks.Choice | None = None
+    guide: _controls.Guide | None = None  # the request's ControlNets
 
 
 def _lora_item(item) -> Lora:

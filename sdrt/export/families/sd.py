@@ -116,6 +116,11 @@ class SD(ExportFamily):
                 "text_hidden_size": te.hidden_size, "tokenizer_max_length": tokenizer.max_length,
                 "tokenizer_pad_id": pad_id, "token_embeddings": f"{names.TEXT_ENCODER}/{names.TOKEN_EMBEDDINGS_FILE}"}
 
+    def residual_layout(self, source):
+        from ..controlnet_unet import residual_layout
+
+        return residual_layout(dict(source.unet.config))
+
     def write_files(self, source, tmp: Path, tokenizer) -> None:
         """Beside the graphs: the text encoder's token-embedding table, the configs in optimum's layout, the
         tokenizer, and model_index.json."""

@@ -1,0 +1,153 @@
+"""ControlNet bundles, the runtime's side: `ControlNet.load(CN_BUNDLE)` and the `Control` a request passes.
+
+A ControlNet bundle (sdrt export of a diffusers ControlNetModel folder or a single-file ControlNet) is a folder of
+its own: controlnet/model.onnx (+ model.cpu.onnx for ONNX Runtime's CPU backend) and the manifest sdrt.json
+(format "sdrt-controlnet"), which records the base model family and text width it fits and its residuals. The
+graph takes the U-Net's latents, timestep and text with the control image, (B, 3, H, W) RGB in [0, 1], and
+returns the residuals unscaled: the weight, guess mode's ramp and guidance start/end are applied in numpy
+(runtime/controls.py), so one graph serves every setting.
+
+Reference: diffusers' ControlNetModel and StableDiffusionControlNetPipeline.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ..errors import BundleCorrupt, BundleNotFound, InvalidRequest, UnsupportedBundleVersion
+from . import names
+from .fsutil import sha256_file
+from .manifest import CONTROLNET_FORMAT, GraphSpec, Manifest
+
+FORMAT_VERSION = 1
+REEXPORT = "re-export it with `sdrt export CONTROLNET_SRC --out CN_BUNDLE`"
+
+
+@dataclass
+class ControlNetManifest:
+    name: str  # the source's name (folder or file stem): what PNG parameters call the model
+    base_family: str  # the model family it fits ("sd")
+    text_width: int  # the cross-attention width it reads: 768 SD 1.x, 1024 SD 2.x
+    in_channels: int  # latent channels it takes (4)
+    image_scale: int  # control image pixels per latent pixel (8)
+    residuals: list[dict[str, Any]]  # [{"name", "channels", "level"}], down 0..N-1 then mid, as the U-Net's
+    graphs: dict[str, GraphSpec]
+    cpu_graphs: dict[str, str] = field(default_factory=dict)
+    files: dict[str, str] = field(default_factory=dict)  # relative path -> sha256
+    source_hash: str | None = None
+    global_pool_conditions: bool = False  # shuffle-type nets: residuals mean-pooled, guess mode forced
+    bgr: bool = False  # controlnet_conditioning_channel_order "bgr": the image's channels are flipped
+    versions: dict[str, str] = field(default_factory=dict)
+    format_version: int = FORMAT_VERSION
+
+    @property
+    def short_hash(self) -> str:
+        return (self.source_hash or "unknown")[:8]  # A1111's ControlNet model list: "name [8 hex]"
+
+    def to_json(self) -> dict:
+        d = {k: v for k, v in asdict(self).items() if k != "graphs"}
+        return {"format": CONTROLNET_FORMAT, **d, "graphs": {k: g.to_json() for k, g in self.graphs.items()}}
+
+    @classmethod
+    def from_json(cls, d: dict) -> "ControlNetManifest":
+        fields = {k: d[k] for k in cls.__dataclass_fields__ if k != "graphs" and k in d}
+        return cls(graphs={k: GraphSpec.from_json(g) for k, g in d["graphs"].items()}, **fields)
+
+
+def load_controlnet_manifest(path: Path) -> ControlNetManifest:
+    """The manifest of a ControlNet bundle, every file's hash checked; typed errors otherwise."""
+    path = Path(path).expanduser()
+    file = path / names.MANIFEST_FILE
+    if not file.is_file():
+        raise BundleNotFound(f"{str(path)!r} is not a ControlNet bundle (no {names.MANIFEST_FILE}); export one with "
+                             "`sdrt export CONTROLNET_SRC --out CN_BUNDLE`")
+    try:
+        raw = json.loads(file.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise BundleCorrupt(f"{str(file)!r} is unreadable or not valid JSON ({e}); {REEXPORT}") from None
+    if not isinstance(raw, dict) or raw.get("format") != CONTROLNET_FORMAT:
+        raise InvalidRequest(f"{str(path)!r} is not a ControlNet bundle (it is a model bundle, or something else): "
+                             "give one written by `sdrt export CONTROLNET_SRC --out CN_BUNDLE`")
+    if raw.get("format_version") != FORMAT_VERSION:
+        raise UnsupportedBundleVersion(f"{str(file)!r} has ControlNet format version {raw.get('format_version')!r}; "
+                                       f"this sdrt reads {FORMAT_VERSION}: {REEXPORT}")
+    try:
+        manifest = ControlNetManifest.from_json(raw)
+    except (KeyError, TypeError, ValueError) as e:
+        raise BundleCorrupt(f"{str(file)!r} is missing or has a malformed field ({e!r}); {REEXPORT}") from None
+    for rel, digest in sorted(manifest.files.items()):
+        f = path / rel
+        if Path(rel).is_absolute() or ".." in Path(rel).parts:
+            raise BundleCorrupt(f"{str(file)!r} names the file {rel!r}, outside the bundle; refusing it")
+        if not f.is_file() or sha256_file(f) != digest:
+            raise BundleCorrupt(f"ControlNet bundle file {str(f)!r} is missing or does not match its sha256 in "
+                                f"{names.MANIFEST_FILE}; {REEXPORT}")
+    for rel in [g.path for g in manifest.graphs.values()] + list(manifest.cpu_graphs.values()):
+        if rel not in manifest.files:
+            raise BundleCorrupt(f"graph {rel} is not hashed in {names.MANIFEST_FILE}; {REEXPORT}")
+    return manifest
+
+
+class ControlNet:
+    """A loaded ControlNet bundle: `net(sample, timestep, text, image)` -> {residual name: array}."""
+
+    def __init__(self, path: Path, manifest: ControlNetManifest, engine):
+        self.path, self.manifest, self.engine = path, manifest, engine
+        self.name = manifest.name
+
+    @classmethod
+    def load(cls, path: str | Path, threads: int | None = None) -> "ControlNet":
+        from .engines import OrtEngine  # here: the engines package is the heavy import
+
+        path = Path(path).expanduser()
+        manifest = load_controlnet_manifest(path)
+        rel = manifest.cpu_graphs.get(names.CONTROLNET, manifest.graphs[names.CONTROLNET].path)
+        engine = OrtEngine(path / rel, names.CONTROLNET, threads)
+        want = {r["name"] for r in manifest.residuals}
+        if not want <= set(engine.outputs) or names.CONTROLNET_COND not in engine.inputs:
+            raise BundleCorrupt(f"the ControlNet graph {str(path / rel)!r} does not match {names.MANIFEST_FILE}; "
+                                f"{REEXPORT}")
+        return cls(path, manifest, engine)
+
+    def check_fits(self, bundle: Manifest, bundle_name: str) -> None:
+        """Refuse a ControlNet made for another base model, naming both."""
+        m = self.manifest
+        text = {768: "SD 1.x", 1024: "SD 2.x"}
+        ours = [(r["name"], r["channels"], r["level"]) for r in m.residuals]
+        theirs = [(r["name"], r["channels"], r["level"]) for r in bundle.residuals]
+        if m.base_family != bundle.family or m.text_width != bundle.text_hidden_size or ours != theirs:
+            raise InvalidRequest(
+                f"ControlNet {m.name!r} was made for a {m.base_family} model with {m.text_width}-wide text "
+                f"({text.get(m.text_width, 'an unusual width')}) and {len(ours)} residuals of "
+                f"{sorted({c for _, c, _ in ours})} channels; {bundle_name!r} is a {bundle.family} model with "
+                f"{bundle.text_hidden_size}-wide text ({text.get(bundle.text_hidden_size, 'an unusual width')}) and "
+                f"{len(theirs)} of {sorted({c for _, c, _ in theirs})}: use a ControlNet trained for that model")
+
+    def __call__(self, sample: np.ndarray, timestep: np.ndarray, text: np.ndarray, image: np.ndarray) -> dict:
+        out = self.engine(**{names.SAMPLE: sample, names.TIMESTEP: timestep, names.ENCODER_HIDDEN_STATES: text,
+                             names.CONTROLNET_COND: image})
+        residuals = {r["name"]: np.asarray(out[r["name"]], np.float32) for r in self.manifest.residuals}
+        if self.manifest.global_pool_conditions:  # diffusers: mean over the spatial dims
+            residuals = {k: v.mean(axis=(2, 3), keepdims=True) for k, v in residuals.items()}
+        return residuals
+
+
+@dataclass(frozen=True)
+class Control:
+    """One ControlNet in a request: its net, the control image (path, PIL or uint8 array; resized to the
+    generation size), weight (diffusers' controlnet_conditioning_scale), and the fraction of the steps it acts on
+    (diffusers' control_guidance_start/end). preprocess: None (the image is the control map), "canny"
+    (OpenCV's edges, thresholds canny_low/canny_high, as A1111's extension) or "invert"."""
+
+    net: ControlNet
+    image: Any
+    weight: float = 1.0
+    start: float = 0.0
+    end: float = 1.0
+    preprocess: str | None = None
+    canny_low: int = 100
+    canny_high: int = 200

@@ -1,0 +1,139 @@
+"""A request's ControlNets, step by step: which act at step i, their residuals, scaled and summed.
+
+As diffusers' StableDiffusionControlNetPipeline (and MultiControlNetModel) computes them:
+- the control image: RGB, resized to the generation size (Lanczos), in [0, 1], repeated per image of the batch
+  and, with classifier-free guidance, for the negative rows too ([negative; positive], like the text);
+- net k acts at step i of n (counted from the first step run, as img2img's shortened schedule) unless
+  i/n < start_k or (i+1)/n > end_k; diffusers then runs it at scale 0, this skips it, and a step where no net acts
+  runs the plain U-Net (the same numbers: the residual U-Net adds zeros);
+- residual r of net k is scaled by weight_k, or in guess mode by weight_k * logspace(-1, 0, R)[r] (0.1 for the
+  first down residual up to 1 for the mid one); guess mode with guidance runs the nets on the positive rows only
+  and gives the negative rows no control;
+- several nets sum their residuals.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+from PIL import Image
+
+from ..errors import InvalidRequest
+from . import images as im
+from . import names
+from .controlnet import Control, ControlNet
+from .preprocess import PREPROCESSORS, run_preprocessor
+
+
+def check_controls(controls, guess_mode) -> tuple[Control, ...]:
+    """The request's controls, each checked (the image is read later, at the generation size)."""
+    if not isinstance(guess_mode, bool):
+        raise InvalidRequest(f"guess_mode must be True or False, got {guess_mode!r}")
+    if controls is None:
+        return ()
+    if isinstance(controls, Control):
+        controls = [controls]
+    out = []
+    for k, c in enumerate(controls):
+        if not isinstance(c, Control) or not isinstance(c.net, ControlNet):
+            raise InvalidRequest(f"controls[{k}] is {c!r}; give sdrt.Control(sdrt.ControlNet.load(CN_BUNDLE), image)")
+        for value, what, lo, hi in ((c.weight, "weight", 0.0, 10.0), (c.start, "start", 0.0, 1.0),
+                                    (c.end, "end", 0.0, 1.0)):
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not lo <= value <= hi:
+                raise InvalidRequest(f"ControlNet {c.net.name!r}: {what} must be a number from {lo:g} to {hi:g}, "
+                                     f"got {value!r}")
+        if c.start >= c.end:
+            raise InvalidRequest(f"ControlNet {c.net.name!r}: start {c.start:g} must be below end {c.end:g}")
+        if c.preprocess not in (None, *PREPROCESSORS):
+            raise InvalidRequest(f"ControlNet preprocessor {c.preprocess!r} is not one of none, "
+                                 f"{', '.join(PREPROCESSORS)}; for any other (depth, pose, ...) give the preprocessed "
+                                 "image")
+        out.append(c)
+    return tuple(out)
+
+
+def control_image(control: Control, width: int, height: int, depth=None) -> np.ndarray:
+    """(1, 3, H, W) float32 in [0, 1]: diffusers' control image processor (convert to RGB, Lanczos resize, /255),
+    after the preprocessor if one is named (at the generation size). depth: the bundle's depth map maker."""
+    image = im.load_image(control.image, "control image").convert("RGB").resize((width, height), Image.LANCZOS)
+    if control.preprocess is not None:
+        image = run_preprocessor(control.preprocess, image, control.canny_low, control.canny_high, depth)
+    x = np.asarray(image, dtype=np.float32) / 255.0  # (H, W, 3)
+    if control.net.manifest.bgr:
+        x = x[..., ::-1]
+    return np.ascontiguousarray(x.transpose(2, 0, 1)[None])
+
+
+def size_from(controls, options: dict) -> dict:
+    """txt2img without height/width takes the first control image's size (rounded down to a multiple of 8), as
+    diffusers' ControlNet pipeline does."""
+    if not controls or options.get("height") or options.get("width"):
+        return options
+    w, h = im.load_image(controls[0].image, "control image").size
+    f = controls[0].net.manifest.image_scale
+    return {**options, "width": max(f, w // f * f), "height": max(f, h // f * f)}
+
+
+@dataclass
+class Guide:
+    """The controls of one job, their images prepared: `residuals(...)` at each step."""
+
+    controls: tuple[Control, ...]
+    images: list[np.ndarray]  # per control: (B, 3, H, W), or (2B, ...) with guidance outside guess mode
+    guess_mode: bool
+
+    @classmethod
+    def make(cls, controls, guess_mode: bool, width: int, height: int, batch: int, cfg: bool,
+             depth=None) -> "Guide | None":
+        if not controls:
+            return None
+        guess = guess_mode or any(c.net.manifest.global_pool_conditions for c in controls)
+        rows = 2 * batch if cfg and not guess else batch
+        images = [np.repeat(control_image(c, width, height, depth), rows, axis=0) for c in controls]
+        return cls(controls, images, guess)
+
+    def residuals(self, i: int, n: int, x: np.ndarray, t: np.ndarray, text: np.ndarray, cfg: bool) -> dict | None:
+        """Summed residuals for step i of n (None: no net acts). x: (B, 4, h, w) scaled latents; t: (rows,)
+        timesteps; text: encoder_hidden_states (rows, 77·k, D), rows = 2B with guidance ([negative; positive])."""
+        active = [(c, img) for c, img in zip(self.controls, self.images) if not (i / n < c.start or (i + 1) / n > c.end)]
+        if not active:
+            return None
+        b = len(x)
+        cond_only = self.guess_mode and cfg
+        sample = x if cond_only or not cfg else np.concatenate([x, x])
+        t_in, text_in = (t[b:], text[b:]) if cond_only else (t, text)
+        total = None
+        for control, image in active:
+            out = control.net(sample, t_in, text_in, image)
+            scales = self._scales(control, len(out))
+            scaled = {k: v * s for (k, v), s in zip(out.items(), scales)}
+            total = scaled if total is None else {k: total[k] + v for k, v in scaled.items()}
+        if cond_only:
+            total = {k: np.concatenate([np.zeros_like(v), v]) for k, v in total.items()}
+        return total
+
+    def _scales(self, control: Control, count: int) -> list[np.float32]:
+        if self.guess_mode and not control.net.manifest.global_pool_conditions:
+            ramp = np.logspace(-1, 0, count).astype(np.float32)  # torch.logspace(-1, 0, 13) in float32
+            return [np.float32(r * np.float32(control.weight)) for r in ramp]
+        return [np.float32(control.weight)] * count
+
+
+def infotext(controls, guess_mode: bool) -> dict[str, str]:
+    """PNG parameters for each ControlNet, in the A1111 extension's `ControlNet i: "..."` form."""
+    out = {}
+    for k, c in enumerate(controls):
+        fields = {"Module": c.preprocess or "none", "Model": f"{c.net.name} [{c.net.manifest.short_hash}]",
+                  "Weight": f"{c.weight:g}", "Resize Mode": "Just Resize"}
+        if c.preprocess == "canny":
+            fields |= {"Threshold A": c.canny_low, "Threshold B": c.canny_high}
+        fields |= {"Guidance Start": f"{c.start:g}", "Guidance End": f"{c.end:g}",
+                   "Control Mode": "Guess Mode" if guess_mode else "Balanced"}
+        out[f"ControlNet {k}"] = '"' + ", ".join(f"{key}: {v}" for key, v in fields.items()) + '"'
+    return out
+
+
+def residual_unet_missing(bundle_name: str) -> InvalidRequest:
+    return InvalidRequest(f"bundle {bundle_name!r} has no U-Net that takes ControlNet residuals ({names.UNET}/"
+                          f"{names.CONTROLNET_MODEL_FILE}); add it with `sdrt controlnet prepare BUNDLE`, or export "
+                          "the model again with this sdrt")
