@@ -5,79 +5,22 @@ import functools
 import inspect
 import json
 import sys
-import warnings
 from pathlib import Path
 from typing import Optional
 
 import typer
 
-from .errors import MissingDependency, SdrtError
+from . import cli_adapters
+from .cli_base import UsageError, _export_api, _fail, app, handle_errors
 from .progress import StepBar
-
-# typer >= 0.20 vendors click; take its exception classes from typer itself so either layout works.
-UsageError = typer.BadParameter.__mro__[1]
-ClickException = typer.BadParameter.__mro__[2]
-
-app = typer.Typer(no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False,
-                  help="sdrt: a compiled inference runtime for Stable Diffusion.")
-_state = {"debug": False}
-
-
-def _fail(message: str, code: int) -> None:
-    typer.echo(f"error: {message}", err=True)
-    raise typer.Exit(code)
-
-
-def handle_errors(fn):
-    """Every command: a typed error becomes one line on stderr and its exit code (a traceback with --debug)."""
-    @functools.wraps(fn)
-    def wrapper(*args, **kwargs):
-        try:
-            with warnings.catch_warnings():
-                warnings.simplefilter("default")
-                warnings.showwarning = _show_warning
-                return fn(*args, **kwargs)
-        except SdrtError as e:
-            if _state["debug"]:
-                raise
-            _fail(str(e), e.exit_code)
-        except KeyboardInterrupt:
-            _fail("interrupted; nothing was written", 130)
-        except (typer.Exit, typer.Abort, ClickException, BrokenPipeError):
-            raise  # click's own handling (a closed pipe, as in `sdrt info B | head`, exits 1 quietly)
-        except Exception as e:  # noqa: BLE001 - the last line of defence: one line, not a traceback
-            if _state["debug"]:
-                raise
-            _fail(f"internal error: {type(e).__name__}: {e} (run with --debug for the traceback)", 1)
-    return wrapper
-
-
-def _show_warning(message, category, filename, lineno, file=None, line=None):
-    if issubclass(category, (DeprecationWarning, FutureWarning)) and not _state["debug"]:
-        return
-    typer.echo(f"warning: {message}", err=True)
-
-
-def _print_version(value: bool) -> None:
-    if value:
-        from . import __version__
-
-        typer.echo(f"sdrt {__version__}")
-        raise typer.Exit()
-
-
-@app.callback()
-def _options(debug: bool = typer.Option(False, "--debug", help="Show tracebacks instead of one-line errors."),
-             version: bool = typer.Option(False, "--version", callback=_print_version, is_eager=True,
-                                          help="Print the version and exit.")):
-    _state["debug"] = debug
 
 
 @app.command()
 @handle_errors
 def export(
     src: Path = typer.Argument(..., help="A diffusers-format Stable Diffusion 1.x/2.x folder, or a single-file "
-                                "checkpoint (model.safetensors in the original layout)."),
+                                "checkpoint (model.safetensors in the original layout); or a ControlNet (a "
+                                "ControlNetModel folder or a single file such as control_v11p_sd15_canny)."),
     out: Path = typer.Option(..., "--out", "-o", help="The bundle folder to write."),
     height: Optional[int] = typer.Option(None, help="Default image height (default: the model's own)."),
     width: Optional[int] = typer.Option(None, help="Default image width (default: the model's own)."),
@@ -93,61 +36,18 @@ def export(
     hypernetwork: list[Path] = typer.Option([], "--hypernetwork", help="An A1111 hypernetwork .pt to bake into a "
                                             "U-Net variant (repeatable; needs --allow-pickle: they are pickles)."),
 ):
-    """Export a model to an ONNX bundle, checking every graph against torch."""
+    """Export a model (or a ControlNet) to an ONNX bundle, checking every graph against torch."""
+    if _export_api("is_controlnet")(src):
+        cn = _export_api("export_controlnet")(src, out, height, width, allow_pickle, force, family,
+                                              log=lambda m: typer.echo(m, err=True), cpu_graph_policy=cpu_graph)
+        typer.echo(f"wrote {out} (ControlNet for {cn.base_family} models with {cn.text_width}-wide text, "
+                   f"{len(cn.residuals)} residuals): use it with --controlnet {out}")
+        return
     manifest = _export_api("export_bundle")(src, out, height, width, allow_pickle, force, family=family,
                                             log=lambda m: typer.echo(m, err=True), cpu_graph_policy=cpu_graph,
                                             int8=int8, hypernetworks=hypernetwork)
     typer.echo(f"wrote {out} ({manifest.default_width}x{manifest.default_height}, {manifest.prediction_type}, "
                f"model hash {manifest.model_hash})")
-
-
-def _export_api(name: str):
-    """A function of sdrt.export, or MissingDependency naming the export extra."""
-    try:
-        import torch  # noqa: F401  (first: the one a runtime-only install lacks)
-        import diffusers  # noqa: F401, I001
-        import onnx  # noqa: F401
-        import transformers  # noqa: F401
-
-        from . import export
-    except ImportError as e:
-        raise MissingDependency(f"exporting needs the export extra ({e.name or e} is missing): "
-                                "pip install torch==2.13.0 'sdrt[export]'") from None
-    return getattr(export, name)
-
-
-hypernetwork_app = typer.Typer(no_args_is_help=True, help="Hypernetworks (A1111 .pt files) baked into a bundle.")
-app.add_typer(hypernetwork_app, name="hypernetwork")
-
-
-@hypernetwork_app.command("add")
-@handle_errors
-def hypernetwork_add(
-    bundle: Path = typer.Argument(..., help="A bundle folder (from `sdrt export`)."),
-    files: list[Path] = typer.Argument(..., help="Hypernetwork .pt files; a file's stem is its <hypernet:NAME> tag."),
-    allow_pickle: bool = typer.Option(False, "--allow-pickle", help="Read the .pt (a pickle: tensors only)."),
-    stack: bool = typer.Option(False, "--stack", help="Bake the files as one stack, applied in their order (for "
-                               "prompts with their tags in that order), not one variant each."),
-):
-    """Bake hypernetworks into an exported bundle's U-Net (variant graphs checked against torch)."""
-    def log(message):
-        typer.echo(message, err=True)
-
-    if stack:
-        added = [_export_api("add_stack")(bundle, files, allow_pickle, log)]
-    else:
-        add = _export_api("add_hypernetwork")
-        added = [add(bundle, f, allow_pickle, log) for f in files]
-    for name in added:
-        tags = " ".join(f"<hypernet:{n}:1>" for n in name.split("+"))
-        typer.echo(f"added hypernetwork {name!r} to {bundle}: use {tags} in a prompt")
-
-
-@hypernetwork_app.command("remove")
-@handle_errors
-def hypernetwork_remove(bundle: Path = typer.Argument(...), name: str = typer.Argument(..., help="See `sdrt info`.")):
-    """Take a hypernetwork out of a bundle (its variant graphs and weights)."""
-    _export_api("remove_hypernetwork")(bundle, name, log=typer.echo)
 
 
 # Options every generation command takes, after its own arguments: (name, type, typer default).
@@ -182,6 +82,7 @@ _SHARED = [
     ("no_watermark", bool, typer.Option(False, "--no-watermark", help="Skip the invisible watermark (sdrt info).")),
     ("int8", bool, typer.Option(False, "--int8", help="The U-Net with int8 MatMuls (bundles exported with --int8; "
                                 "ONNX Runtime on the CPU; no LoRA).")),
+    *cli_adapters.CONTROL_OPTIONS,
 ]
 
 
@@ -224,7 +125,7 @@ def _generate(fn, s: dict, own: dict) -> None:
     options = {k: s[k] for k in ("negative_prompt", "steps", "guidance", "seed", "sampler", "height", "width",
                                  "batch", "eta", "clip_skip", "truncate")}
     options |= {"emphasis": not s["no_emphasis"], "loras": loras, "watermark": False if s["no_watermark"] else None,
-                "hypernetwork": s["hypernetwork"]}
+                "hypernetwork": s["hypernetwork"], **cli_adapters.controls(s)}
     bar = StepBar()
     try:
         images = fn(pipe, s["prompt"], options, bar, **own)

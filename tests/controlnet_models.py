@@ -33,8 +33,10 @@ def build_controlnet(model_dir: Path, out: Path, seed: int = 0, scale: float = 1
         for conv in [*cn.controlnet_down_blocks, cn.controlnet_mid_block, cn.controlnet_cond_embedding.conv_out]:
             conv.weight.copy_(torch.randn(conv.weight.shape, generator=g) * scale / conv.weight[0].numel() ** 0.5)
             conv.bias.copy_(torch.randn(conv.bias.shape, generator=g) * 0.1 * scale)
-        for p in cn.controlnet_cond_embedding.parameters():  # a stronger hint path: the image visibly matters
-            p.mul_(2.0)
+        emb = cn.controlnet_cond_embedding  # its default init all but loses the image over 8 convolutions
+        for conv in [emb.conv_in, *emb.blocks, emb.conv_out]:
+            conv.weight.copy_(torch.randn(conv.weight.shape, generator=g) * 2.0 / conv.weight[0].numel() ** 0.5)
+            conv.bias.zero_()
     cn.save_pretrained(out, safe_serialization=True)
     return out
 

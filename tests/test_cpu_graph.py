@@ -24,7 +24,8 @@ def test_every_attention_is_one_operator_and_the_weights_are_shared(models, bund
 
     b = bundles["sd1"]
     manifest = json.loads((b / "sdrt.json").read_text())
-    assert manifest["cpu_graphs"] == {"unet": "unet/model.cpu.onnx", "vae_decoder": "vae_decoder/model.cpu.onnx"}
+    assert manifest["cpu_graphs"] == {"unet": "unet/model.cpu.onnx", "vae_decoder": "vae_decoder/model.cpu.onnx",
+                                      "unet-controlnet": "unet/model.controlnet.cpu.onnx"}  # test_controlnet.py
     assert "unet/model.cpu.onnx" in manifest["files"] and "unet (model.cpu.onnx)" in manifest["verification"]["errors"]
     graph = onnx.load(str(b / "unet" / "model.cpu.onnx"), load_external_data=False)
     unet = UNet2DConditionModel.from_pretrained(models["sd1"] / "unet")
@@ -41,7 +42,7 @@ def test_every_attention_is_one_operator_and_the_weights_are_shared(models, bund
     big = [t for t in graph.graph.initializer if np.prod(t.dims) * 4 > cpu_graph.MAX_UNMATCHED_BYTES]
     assert big and all({e.key: e.value for e in t.external_data}.get("location") == "model.onnx_data" for t in big)
     assert sorted(p.name for p in (b / "unet").iterdir() if "onnx" in p.name) == \
-        ["model.cpu.onnx", "model.onnx", "model.onnx_data"]
+        ["model.controlnet.cpu.onnx", "model.controlnet.onnx", "model.cpu.onnx", "model.onnx", "model.onnx_data"]
     # LoRA overrides go by initializer name: every targetable weight is there under the plain graph's name.
     names = {t.name for t in graph.graph.initializer}
     lora_map = json.loads((b / "unet" / "lora_map.json").read_text())

@@ -128,7 +128,7 @@ def _write_bundle(family: ExportFamily, source: Source, out: Path, height: int |
     tokenizer, pad_id = check_tokenizer(source.path / "tokenizer")
     tmp = make_temp_dir(out)
     try:
-        graphs, errors, cpu_graphs, int8_graphs, hypernets, unet_feeds = {}, {}, {}, {}, {}, None
+        graphs, errors, cpu_graphs, int8_graphs, hypernets, unet_feeds, unet = {}, {}, {}, {}, {}, None, None
         ids = tokenizer(["a photo of a cat"])  # (1, 77): the text encoder's check input
         scale = 2 ** (len(source.vae.config.block_out_channels) - 1)  # image pixels per latent pixel
         for comp, traced in family.components(source).items():
@@ -139,7 +139,7 @@ def _write_bundle(family: ExportFamily, source: Source, out: Path, height: int |
                                      lora_targets=comp in names.LORA_COMPONENTS,
                                      external=want_cpu and comp == names.VAE_DECODER)  # shared with its CPU graph
             feeds = family.check_inputs(source, comp, height, width, ids)
-            unet_feeds = feeds if comp == names.UNET else unet_feeds
+            unet_feeds, unet = (feeds, traced) if comp == names.UNET else (unet_feeds, unet)
             with winograd.recording_conv_sizes(traced.module) as conv_sizes:  # for the CPU graphs' Winograd rule
                 expected = family.expected_outputs(source, comp, traced, feeds, ids)
             errors[comp] = verify.verify(comp, expected, path, feeds)
@@ -160,7 +160,7 @@ def _write_bundle(family: ExportFamily, source: Source, out: Path, height: int |
         family.write_files(source, tmp, tokenizer)
         residuals = []
         if (layout := family.residual_layout(source)) is not None:  # the U-Net that takes ControlNet residuals
-            entries = controlnet_unet.add_to(tmp, layout, unet_feeds, source.unet, log)
+            entries = controlnet_unet.add_to(tmp, layout, unet_feeds, unet, log)
             graphs.update(entries["graphs"])
             cpu_graphs.update(entries["cpu_graphs"])
             errors.update(entries["errors"])

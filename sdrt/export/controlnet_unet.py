@@ -75,12 +75,13 @@ def write(unet_dir: Path, layout) -> list[str]:
     return written
 
 
-def check(unet_dir: Path, layout, feeds: dict[str, np.ndarray], torch_unet=None) -> dict[str, float]:
-    """The module docstring's checks on every variant written; raises ExportFailed. Returns {check: error}."""
+def check(unet_dir: Path, layout, feeds: dict[str, np.ndarray], traced=None) -> dict[str, float]:
+    """The module docstring's checks on every variant written; raises ExportFailed. traced: the U-Net as the
+    exporter traced it (export.families.Traced), for the check against torch. Returns {check: error}."""
     h, w = feeds[names.SAMPLE].shape[2:]
     zeros = residual_feeds(layout, 1, h, w)
     drawn = residual_feeds(layout, 1, h, w, np.random.default_rng(4321))
-    expected = None if torch_unet is None else _torch_output(torch_unet, feeds, drawn, layout)
+    expected = None if traced is None else _torch_output(traced, feeds, drawn, layout)
     errors = {}
     for plain, variant in GRAPHS.items():
         if not (unet_dir / variant).is_file():
@@ -100,14 +101,24 @@ def check(unet_dir: Path, layout, feeds: dict[str, np.ndarray], torch_unet=None)
     return errors
 
 
-def _torch_output(unet, feeds, drawn, layout) -> np.ndarray:
+def _torch_output(traced, feeds, drawn, layout) -> np.ndarray:
+    """The family's traced U-Net on feeds, its diffusers U-Net (`.m`) called with the residuals added to its
+    arguments: the reference whatever the family's wrapper does around it."""
     import torch
 
-    t = {k: torch.from_numpy(v) for k, v in {**feeds, **drawn}.items()}
-    with torch.no_grad():
-        return unet(t[names.SAMPLE], t[names.TIMESTEP], encoder_hidden_states=t[names.ENCODER_HIDDEN_STATES],
-                    down_block_additional_residuals=tuple(t[name] for name, _, _ in layout[:-1]),
-                    mid_block_additional_residual=t[layout[-1][0]]).sample.numpy()
+    residuals = {k: torch.from_numpy(v) for k, v in drawn.items()}
+
+    def with_residuals(module, args, kwargs):
+        return args, {**kwargs, "down_block_additional_residuals": tuple(residuals[n] for n, _, _ in layout[:-1]),
+                      "mid_block_additional_residual": residuals[layout[-1][0]]}
+
+    handle = traced.module.m.register_forward_pre_hook(with_residuals, with_kwargs=True)
+    try:
+        with torch.no_grad():
+            out = traced.module(*(torch.from_numpy(feeds[n]) for n in traced.input_names))
+    finally:
+        handle.remove()
+    return (out[0] if isinstance(out, tuple) else out).numpy()
 
 
 def _within(error: float, limit: float, variant: str, what: str) -> float:
@@ -121,19 +132,19 @@ def remove(unet_dir: Path) -> None:
         (unet_dir / variant).unlink(missing_ok=True)
 
 
-def add_to(bundle: Path, layout, feeds: dict[str, np.ndarray], torch_unet=None, log=print) -> dict:
+def add_to(bundle: Path, layout, feeds: dict[str, np.ndarray], traced=None, log=print) -> dict:
     """Write and check the variant in `bundle` (being exported, or existing); on failure delete what was written.
     Returns the manifest entries: {"graphs", "cpu_graphs", "residuals", "errors"}."""
     unet_dir = bundle / names.UNET
     try:
         written = write(unet_dir, layout)
-        errors = check(unet_dir, layout, feeds, torch_unet)
+        errors = check(unet_dir, layout, feeds, traced)
     except BaseException:
         remove(unet_dir)
         raise
     log(f"{names.UNET_CONTROLNET}: {len(layout) - 1} skip connections and the mid block take ControlNet residuals "
         f"in {', '.join(written)} (checked: zero residuals = the plain U-Net"
-        f"{', residuals vs torch' if torch_unet is not None else ''}; worst relative error {max(errors.values()):.2e})")
+        f"{', residuals vs torch' if traced is not None else ''}; worst relative error {max(errors.values()):.2e})")
     plain, cpu = (f"{names.UNET}/{GRAPHS[g]}" for g in (names.MODEL_FILE, names.CPU_MODEL_FILE))
     return {"graphs": {names.UNET_CONTROLNET: graph_spec(bundle / plain, plain)},
             "cpu_graphs": {names.UNET_CONTROLNET: cpu} if (bundle / cpu).is_file() else {},

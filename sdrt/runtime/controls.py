@@ -67,8 +67,9 @@ def control_image(control: Control, width: int, height: int, depth=None) -> np.n
 def size_from(controls, options: dict) -> dict:
     """txt2img without height/width takes the first control image's size (rounded down to a multiple of 8), as
     diffusers' ControlNet pipeline does."""
-    if not controls or options.get("height") or options.get("width"):
-        return options
+    controls = [controls] if isinstance(controls, Control) else controls
+    if not controls or options.get("height") or options.get("width") or not isinstance(controls[0], Control):
+        return options  # (check_controls refuses what is not a Control)
     w, h = im.load_image(controls[0].image, "control image").size
     f = controls[0].net.manifest.image_scale
     return {**options, "width": max(f, w // f * f), "height": max(f, h // f * f)}

@@ -8,12 +8,15 @@ blur, "only masked" and the final paste that leaves unmasked pixels untouched.
 """
 from __future__ import annotations
 
+from dataclasses import replace
+
 import numpy as np
 from PIL import Image, ImageFilter
 
 from ..errors import InvalidRequest
 from . import images as im
 from . import names
+from .controlnet import Control
 from .depth import depth_condition, dpt_pixels, load_depth
 
 FILLS = ("edge", "noise")
@@ -150,7 +153,8 @@ class ImageModes:
         size = (options.get("width") or self.manifest.default_width, options.get("height") or self.manifest.default_height)
         crop_img = img.crop(box).resize(size, Image.LANCZOS)
         crop_msk = msk.crop(box).resize(size, Image.LANCZOS)
-        job = self._job(prompt, **{**options, "width": size[0], "height": size[1]})
+        job = self._job(prompt, **{**options, "width": size[0], "height": size[1],
+                                   "controls": _cropped(options.get("controls"), img.size, box)})
         decoded = self._inpaint_latents(crop_img, crop_msk, job, strength, progress)
         keep = _blurred(msk, blur)
 
@@ -207,6 +211,15 @@ def _check_int(value, what: str, lo: int, hi: int) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or not lo <= value <= hi:
         raise InvalidRequest(f"{what} must be a whole number from {lo} to {hi}, got {value!r}")
     return value
+
+
+def _cropped(controls, size, box):
+    """A ControlNet's image belongs to the whole image: "only masked" gives the net the same crop (as A1111)."""
+    if not controls:
+        return controls
+    controls = [controls] if isinstance(controls, Control) else controls
+    return [replace(c, image=im.load_image(c.image, "control image").convert("RGB").resize(size, Image.LANCZOS)
+                    .crop(box)) if isinstance(c, Control) else c for c in controls]
 
 
 def _blurred(mask: Image.Image, radius: int) -> Image.Image:
