@@ -37,7 +37,7 @@ def export(
                                             "U-Net variant (repeatable; needs --allow-pickle: they are pickles)."),
 ):
     """Export a model (or a ControlNet) to an ONNX bundle, checking every graph against torch."""
-    if _export_api("is_controlnet")(src):
+    if _export_api("is_controlnet")(src, allow_pickle):
         cn = _export_api("export_controlnet")(src, out, height, width, allow_pickle, force, family,
                                               log=lambda m: typer.echo(m, err=True), cpu_graph_policy=cpu_graph)
         typer.echo(f"wrote {out} (ControlNet for {cn.base_family} models with {cn.text_width}-wide text, "

@@ -16,7 +16,7 @@ from pathlib import Path
 
 from ..errors import InvalidRequest, NotAModelFolder, SourceError
 from ..runtime.fsutil import sha256_file
-from .source import check_finite, source_hash, weight_format
+from .source import PICKLE_SUFFIXES, check_finite, source_hash, weight_format
 
 LDM_PREFIX = "control_model."
 FAMILIES = ("sd1", "sd2")
@@ -29,8 +29,9 @@ class ControlNetSource:
     hash: str
 
 
-def is_controlnet(src: Path) -> bool:
-    """A ControlNetModel folder, or a single file whose keys are a ControlNet's (not a whole model's)."""
+def is_controlnet(src: Path, allow_pickle: bool = False) -> bool:
+    """A ControlNetModel folder, or a single file whose keys are a ControlNet's (not a whole model's). A pickle
+    file (.pth) is only looked into with allow_pickle (weights_only); without, the model loader refuses it."""
     src = Path(src).expanduser()
     if src.is_dir():
         config = src / "config.json"
@@ -49,6 +50,13 @@ def is_controlnet(src: Path) -> bool:
         except Exception:  # noqa: BLE001 - not ours to judge: the model loaders say what is wrong with it
             return False
         return _controlnet_keys(keys)
+    if src.is_file() and allow_pickle and src.suffix.lower() in PICKLE_SUFFIXES:
+        from .single_file import _Checkpoint
+
+        try:
+            return _controlnet_keys(_Checkpoint(src, allow_pickle=True).keyset)
+        except SourceError:
+            return False
     return False
 
 
