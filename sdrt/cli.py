@@ -255,6 +255,8 @@ def build(
     chunks: int = typer.Option(1, "--chunks", help="Longest prompt the engines take, in 77-token chunks."),
     hypernetwork: list[str] = typer.Option([], "--hypernetwork", help="Also build the U-Net variant of this "
                                            "hypernetwork of the bundle (repeatable; see `sdrt info`)."),
+    controlnet: list[Path] = typer.Option([], "--controlnet", help="Also build the U-Net that takes ControlNet "
+                                          "residuals and this ControlNet bundle's engines (repeatable)."),
 ):
     """Build TensorRT engines of a bundle for this GPU (needs an NVIDIA GPU, TensorRT and cuda-python)."""
     from .export.build import build_engines
@@ -265,7 +267,8 @@ def build(
     if height is not None:
         sizes.append((height, width))
     built = build_engines(bundle, sizes or None, batch, precision, engines, workspace,
-                          log=lambda m: typer.echo(m, err=True), chunks=chunks, hypernetworks=hypernetwork)
+                          log=lambda m: typer.echo(m, err=True), chunks=chunks, hypernetworks=hypernetwork,
+                          controlnets=controlnet)
     for m in built:
         typer.echo(f"{m['key']}  ({m['precision']}, {m['plan']['bytes'] / 2**20:.0f} MiB)")
 

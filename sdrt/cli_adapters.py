@@ -95,6 +95,6 @@ def controls(s: dict) -> dict:
     out = []
     for net, image, w, a, e, p in zip(nets, images, weights, starts, ends, pre):
         if net not in loaded:
-            loaded[net] = ControlNet.load(net)
+            loaded[net] = ControlNet.load(net, backend=s["backend"], engines=s["engines"])
         out.append(Control(loaded[net], image, w, a, e, None if p == "none" else p, s["canny_low"], s["canny_high"]))
     return {"controls": out, "guess_mode": s["guess_mode"]}

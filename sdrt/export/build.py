@@ -29,7 +29,7 @@ from ..runtime.engines import cuda
 from ..runtime.engines.store import EngineStore, engine_manifest
 from ..runtime.manifest import load_manifest
 from ..runtime.engines.trt_backend import engines_dir as resolve_engines_dir
-from ..runtime.engines.trt_profiles import EngineSpec, default_sizes, engine_specs
+from ..runtime.engines.trt_profiles import EngineSpec, controlnet_specs, default_sizes, engine_specs
 
 VAE_COMPONENTS = (names.VAE_DECODER, names.VAE_ENCODER)
 
@@ -189,16 +189,32 @@ class _Builder:
 
 
 def build_engines(bundle, sizes=None, batch: int = 1, precision: str = "fp16", engines_dir=None,
-                  workspace_gb: float | None = None, log=print, chunks: int = 1, hypernetworks=()) -> list[dict]:
+                  workspace_gb: float | None = None, log=print, chunks: int = 1, hypernetworks=(),
+                  controlnets=()) -> list[dict]:
     """Build (or reuse) every engine the bundle needs for `sizes` [(h, w)] (default: the bundle's own size:
-    512 for SD 1.x, 768 for SD 2.x v-prediction), image batch `batch`, prompts up to 77·`chunks` tokens, and the
-    U-Net variants of the named `hypernetworks`. Returns the engines' manifests."""
+    512 for SD 1.x, 768 for SD 2.x v-prediction), image batch `batch`, prompts up to 77·`chunks` tokens, the
+    U-Net variants of the named `hypernetworks`, and with `controlnets` (ControlNet bundles) the U-Net that takes
+    their residuals and each ControlNet's engines at the same shapes (stored under the ControlNet bundle's hash).
+    Returns the engines' manifests."""
     from ..doctor import build_preflight
+    from ..runtime.controlnet import check_fits, load_controlnet_manifest
 
     trt, rt, gpu = build_preflight()
     bundle = Path(bundle).expanduser()
     manifest = load_manifest(bundle)  # hashes checked: engines are tied to these exact graph files
-    specs = engine_specs(manifest, sizes or default_sizes(manifest), batch, precision, chunks, hypernetworks)
+    sizes = sizes or default_sizes(manifest)
+    nets = [(Path(p).expanduser(), load_controlnet_manifest(p)) for p in controlnets]
+    for path, cn in nets:
+        check_fits(cn, manifest, bundle.name)
+    jobs = [(bundle, manifest, engine_specs(manifest, sizes, batch, precision, chunks, hypernetworks, bool(nets)))]
+    jobs += [(path, cn, controlnet_specs(cn, manifest, sizes, batch, precision, chunks)) for path, cn in nets]
+    results = []
+    for folder, m, specs in jobs:  # a ControlNet's engines: its own store, named by its own hash
+        results += _build_all(trt, rt, gpu, folder, m, specs, engines_dir, workspace_gb, chunks, log)
+    return results
+
+
+def _build_all(trt, rt, gpu, bundle: Path, manifest, specs, engines_dir, workspace_gb, chunks, log) -> list[dict]:
     store = EngineStore(resolve_engines_dir(engines_dir), bundle, manifest, gpu, trt.__version__)
     store.dir.mkdir(parents=True, exist_ok=True)
     log(f"building {len(specs)} engines for {gpu.name} (sm {gpu.compute_capability}, TensorRT {trt.__version__}) "

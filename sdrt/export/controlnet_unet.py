@@ -19,7 +19,7 @@ from ..errors import ExportFailed, InvalidRequest, OutputNotWritable
 from ..runtime import names
 from ..runtime.engines import OrtEngine
 from ..runtime.fsutil import exclusive_lock, sha256_file
-from ..runtime.manifest import Manifest, load_manifest
+from ..runtime.manifest import Manifest, load_manifest, residual_shapes
 from . import verify
 from .passes import residuals as residual_pass
 from .trace import graph_spec
@@ -46,14 +46,9 @@ def residual_layout(unet_config: dict) -> list[tuple[str, int, int]]:
 
 def residual_feeds(layout, batch: int, h: int, w: int, rng: np.random.Generator | None = None) -> dict:
     """Residual inputs for latents of h x w: zeros, or standard normal draws from rng."""
-    out = {}
-    for name, channels, level in layout:
-        hh, ww = h, w
-        for _ in range(level):
-            hh, ww = (hh + 1) // 2, (ww + 1) // 2
-        shape = (batch, channels, hh, ww)
-        out[name] = np.zeros(shape, np.float32) if rng is None else rng.standard_normal(shape, dtype=np.float32)
-    return out
+    shapes = residual_shapes([{"name": n, "channels": c, "level": lv} for n, c, lv in layout], batch, h, w)
+    return {name: np.zeros(shape, np.float32) if rng is None else rng.standard_normal(shape, dtype=np.float32)
+            for name, shape in shapes.items()}
 
 
 def write(unet_dir: Path, layout) -> list[str]:

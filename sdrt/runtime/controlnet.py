@@ -44,6 +44,13 @@ class ControlNetManifest:
     versions: dict[str, str] = field(default_factory=dict)
     format_version: int = FORMAT_VERSION
 
+    hashed = True  # what the engine store asks of a manifest (a model bundle's may be derived, unhashed)
+    required_components = (names.CONTROLNET,)
+
+    @property
+    def graph_files(self) -> list[tuple[str, str]]:
+        return [(c, g.path) for c, g in self.graphs.items()] + list(self.cpu_graphs.items())
+
     @property
     def short_hash(self) -> str:
         return (self.source_hash or "unknown")[:8]  # A1111's ControlNet model list: "name [8 hex]"
@@ -95,45 +102,64 @@ def load_controlnet_manifest(path: Path) -> ControlNetManifest:
 class ControlNet:
     """A loaded ControlNet bundle: `net(sample, timestep, text, image)` -> {residual name: array}."""
 
-    def __init__(self, path: Path, manifest: ControlNetManifest, engine):
-        self.path, self.manifest, self.engine = path, manifest, engine
+    def __init__(self, path: Path, manifest: ControlNetManifest, engine, backend: str = "onnxruntime",
+                 session=None):
+        self.path, self.manifest, self.engine, self.backend = path, manifest, engine, backend
+        self.session = session  # TensorRT: the TrtSession owning the engines' device memory
         self.name = manifest.name
 
     @classmethod
-    def load(cls, path: str | Path, threads: int | None = None) -> "ControlNet":
-        from .engines import OrtEngine  # here: the engines package is the heavy import
+    def load(cls, path: str | Path, threads: int | None = None, backend: str = "auto",
+             engines: str | Path | None = None) -> "ControlNet":
+        """backend: "onnxruntime" (the CPU), "tensorrt" (engines `sdrt build BUNDLE --controlnet CN_BUNDLE` made
+        for this GPU, in `engines`, default ./engines) or "auto" (TensorRT when such engines exist)."""
+        from .engines import OrtEngine, choose_backend, load_tensorrt_engines  # here: the heavy import
 
         path = Path(path).expanduser()
         manifest = load_controlnet_manifest(path)
-        rel = manifest.cpu_graphs.get(names.CONTROLNET, manifest.graphs[names.CONTROLNET].path)
-        engine = OrtEngine(path / rel, names.CONTROLNET, threads)
+        backend = choose_backend(backend, path, manifest, engines)
+        if backend == "tensorrt":
+            opened, session = load_tensorrt_engines(path, manifest, engines)
+            engine, where = opened[names.CONTROLNET], "its TensorRT engine"
+        else:
+            rel = manifest.cpu_graphs.get(names.CONTROLNET, manifest.graphs[names.CONTROLNET].path)
+            engine, session, where = OrtEngine(path / rel, names.CONTROLNET, threads), None, repr(str(path / rel))
         want = {r["name"] for r in manifest.residuals}
         if not want <= set(engine.outputs) or names.CONTROLNET_COND not in engine.inputs:
-            raise BundleCorrupt(f"the ControlNet graph {str(path / rel)!r} does not match {names.MANIFEST_FILE}; "
-                                f"{REEXPORT}")
-        return cls(path, manifest, engine)
+            if session is not None:
+                session.close()
+            raise BundleCorrupt(f"the ControlNet graph ({where}) does not match {names.MANIFEST_FILE}; {REEXPORT}")
+        return cls(path, manifest, engine, backend, session)
 
     def check_fits(self, bundle: Manifest, bundle_name: str) -> None:
         """Refuse a ControlNet made for another base model, naming both."""
-        m = self.manifest
-        text = {768: "SD 1.x", 1024: "SD 2.x"}
-        ours = [(r["name"], r["channels"], r["level"]) for r in m.residuals]
-        theirs = [(r["name"], r["channels"], r["level"]) for r in bundle.residuals]
-        if m.base_family != bundle.family or m.text_width != bundle.text_hidden_size or ours != theirs:
-            raise InvalidRequest(
-                f"ControlNet {m.name!r} was made for a {m.base_family} model with {m.text_width}-wide text "
-                f"({text.get(m.text_width, 'an unusual width')}) and {len(ours)} residuals of "
-                f"{sorted({c for _, c, _ in ours})} channels; {bundle_name!r} is a {bundle.family} model with "
-                f"{bundle.text_hidden_size}-wide text ({text.get(bundle.text_hidden_size, 'an unusual width')}) and "
-                f"{len(theirs)} of {sorted({c for _, c, _ in theirs})}: use a ControlNet trained for that model")
+        check_fits(self.manifest, bundle, bundle_name)
+
+    def close(self) -> None:
+        if self.session is not None:
+            self.session.close()
+            self.session = None
 
     def __call__(self, sample: np.ndarray, timestep: np.ndarray, text: np.ndarray, image: np.ndarray) -> dict:
         out = self.engine(**{names.SAMPLE: sample, names.TIMESTEP: timestep, names.ENCODER_HIDDEN_STATES: text,
                              names.CONTROLNET_COND: image})
-        residuals = {r["name"]: np.asarray(out[r["name"]], np.float32) for r in self.manifest.residuals}
-        if self.manifest.global_pool_conditions:  # diffusers: mean over the spatial dims
-            residuals = {k: v.mean(axis=(2, 3), keepdims=True) for k, v in residuals.items()}
-        return residuals
+        # (global_pool_conditions nets pool inside the graph, as diffusers' forward does: (B, C, 1, 1) residuals)
+        return {r["name"]: np.asarray(out[r["name"]], np.float32) for r in self.manifest.residuals}
+
+
+def check_fits(m: ControlNetManifest, bundle: Manifest, bundle_name: str) -> None:
+    """Refuse ControlNet `m` for a model bundle of another base model (family, text width, residuals), naming both."""
+    text = {768: "SD 1.x", 1024: "SD 2.x"}
+    ours = [(r["name"], r["channels"], r["level"]) for r in m.residuals]
+    theirs = [(r["name"], r["channels"], r["level"]) for r in bundle.residuals]
+    if m.base_family != bundle.family or m.text_width != bundle.text_hidden_size or ours != theirs:
+        raise InvalidRequest(
+            f"ControlNet {m.name!r} was made for a {m.base_family} model with {m.text_width}-wide text "
+            f"({text.get(m.text_width, 'an unusual width')}) and {len(ours)} residuals of "
+            f"{sorted({c for _, c, _ in ours})} channels; {bundle_name!r} is a {bundle.family} model with "
+            f"{bundle.text_hidden_size}-wide text ({text.get(bundle.text_hidden_size, 'an unusual width')}) and "
+            f"{len(theirs)} of {sorted({c for _, c, _ in theirs})}: use a ControlNet trained for that model "
+            "(a bundle exported before ControlNet: `sdrt controlnet prepare` it first)")
 
 
 @dataclass(frozen=True)

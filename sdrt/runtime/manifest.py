@@ -120,6 +120,18 @@ class Manifest:
         return cls(graphs={k: GraphSpec.from_json(g) for k, g in d["graphs"].items()}, **fields)
 
 
+def residual_shapes(residuals: list[dict], rows: int, h: int, w: int) -> dict[str, tuple[int, ...]]:
+    """ControlNet residual name -> (rows, C, h_L, w_L) for latents of h x w: each level halves the size rounding
+    up (a stride-2 convolution with padding 1: ceil(n / 2))."""
+    out = {}
+    for r in residuals:
+        hh, ww = h, w
+        for _ in range(int(r["level"])):
+            hh, ww = (hh + 1) // 2, (ww + 1) // 2
+        out[r["name"]] = (rows, int(r["channels"]), hh, ww)
+    return out
+
+
 def load_manifest(bundle: Path, verify_hashes: bool = True) -> Manifest:
     bundle = Path(bundle)
     if not bundle.is_dir():

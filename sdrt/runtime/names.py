@@ -88,10 +88,6 @@ def down_residual(i: int) -> str:
     return f"down_block_additional_residual_{i}"
 
 
-def is_residual(name: str) -> bool:
-    return name == MID_RESIDUAL or name.startswith("down_block_additional_residual_")
-
-
 def data_dir(rel: str) -> str:
     """The folder (relative to the bundle) a graph's external-data locations are relative to: its component's."""
     return rel.split("/", 1)[0]

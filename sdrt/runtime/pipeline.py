@@ -160,6 +160,12 @@ class Pipeline(ImageModes):
 
     def _controlled_unet(self) -> Engine:
         """The U-Net that takes ControlNet residuals (unet/model.controlnet*.onnx), on the U-Net's LoRA weights."""
+        if self._controlled is None and self.backend == "tensorrt":
+            if names.UNET_CONTROLNET not in self.engines:
+                raise EngineNotBuilt(f"no TensorRT engine for the ControlNet U-Net on this GPU: run `sdrt build "
+                                     f"{self.path} --controlnet CN_BUNDLE`, or load the pipeline with "
+                                     "backend='onnxruntime'")
+            self._controlled = self.engines[names.UNET_CONTROLNET]
         if self._controlled is None:
             rel = self.manifest.cpu_graphs.get(names.UNET_CONTROLNET, self.manifest.graphs[names.UNET_CONTROLNET].path)
             engine = OrtEngine(self.path / rel, names.UNET_CONTROLNET, self.threads, self._unet_patches)
@@ -259,11 +265,10 @@ class Pipeline(ImageModes):
     def _check_controls(self, controls, job: "_Job") -> tuple:
         if not controls:
             return controls
-        what = ("the int8 U-Net" if self.int8 else "TensorRT engines" if self.backend == "tensorrt"
-                else "hypernetworks" if job.hypernetwork is not None and not job.hypernetwork.off else None)
-        if what:
-            raise InvalidRequest(f"ControlNet does not combine with {what} yet: drop one of the two"
-                                 + (" (load the pipeline with backend='onnxruntime')" if "Tensor" in what else ""))
+        if self.int8 or (job.hypernetwork is not None and not job.hypernetwork.off):
+            what = "the int8 U-Net" if self.int8 else "a hypernetwork"
+            raise InvalidRequest(f"ControlNet does not combine with {what} yet (that U-Net takes no residuals): "
+                                 "drop one of the two")
         if names.UNET_CONTROLNET not in self.manifest.graphs:
             raise _controls.residual_unet_missing(self.path.name)
         for c in controls:

@@ -25,7 +25,8 @@ from .base import Engine
 from .ort import OrtEngine
 from .trt_backend import BACKENDS, choose_backend, load_tensorrt_engines
 
-__all__ = ["BACKENDS", "Engine", "OpenEngines", "OrtEngine", "check_io", "open_engines", "open_onnx"]
+__all__ = ["BACKENDS", "Engine", "OpenEngines", "OrtEngine", "check_io", "choose_backend", "load_tensorrt_engines",
+           "open_engines", "open_onnx"]
 
 
 @dataclass

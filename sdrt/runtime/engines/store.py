@@ -59,12 +59,17 @@ def model_hash(manifest: Manifest, bundle: Path) -> str:
 def onnx_digests(manifest: Manifest, component: str) -> dict[str, str]:
     """sha256 of the component's graphs and external weights, from the (verified) bundle manifest: the files
     of its data folder (its component's), and for a U-Net variant in a subfolder (unet/hypernet/NAME.onnx) its
-    own graphs and weights there, so adding or removing a hypernetwork leaves the other engines valid."""
+    own graphs and weights there, so adding or removing a hypernetwork leaves the other engines valid. The
+    manifest may also be a ControlNet bundle's (runtime/controlnet.py: the same graphs, files and hashes)."""
     graph = manifest.graphs[component].path
     data = names.data_dir(graph)
     own = {graph, manifest.cpu_graphs.get(component), graph.removesuffix(".onnx") + ".onnx_data"}
+    # The ControlNet U-Net's graphs lie beside the U-Net's but are its own: adding them (`sdrt controlnet prepare`)
+    # leaves the other engines valid.
+    others = {rel for comp, rel in manifest.graph_files if comp == names.UNET_CONTROLNET} - own
     return {rel: digest for rel, digest in sorted(manifest.files.items())
-            if rel in own or (rel.rsplit("/", 1)[0] == data and rel.endswith((".onnx", ".onnx_data")))}
+            if rel in own or (rel.rsplit("/", 1)[0] == data and rel.endswith((".onnx", ".onnx_data"))
+                              and rel not in others)}
 
 
 @dataclass(frozen=True)

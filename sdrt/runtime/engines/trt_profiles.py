@@ -22,7 +22,7 @@ from dataclasses import dataclass
 
 from ...errors import InvalidRequest
 from .. import names
-from ..manifest import Manifest
+from ..manifest import Manifest, residual_shapes
 
 PRECISIONS = ("fp16", "fp32")
 MAX_CHUNKS = 8  # 77·8 = 616 tokens: well past any prompt people write; keeps engine sizes sane
@@ -111,6 +111,9 @@ def _shapes(manifest: Manifest, component: str, rows: int, h: int, w: int, token
     want = manifest.model_family.input_shapes(manifest, base, rows, h, w, tokens)
     declared = _inputs(manifest, component)
     want |= {n: () for n in declared if base != component and names.is_strength(n)}
+    if component == names.UNET_CONTROLNET:  # the ControlNet residuals, at the latent size's levels
+        f = manifest.vae_scale_factor
+        want |= residual_shapes(manifest.residuals, rows, h // f, w // f)
     unknown = [n for n in declared if n not in want]
     if unknown:
         raise InvalidRequest(f"{component} graph has inputs {unknown} that sdrt cannot give shapes to")
@@ -118,9 +121,10 @@ def _shapes(manifest: Manifest, component: str, rows: int, h: int, w: int, token
 
 
 def engine_specs(manifest: Manifest, sizes, batch: int = 1, precision: str = "fp16",
-                 chunks: int = 1, hypernetworks=()) -> list[EngineSpec]:
+                 chunks: int = 1, hypernetworks=(), controlnet: bool = False) -> list[EngineSpec]:
     """Every engine a pipeline needs for `sizes` at image batch `batch` and prompts of up to `chunks` × 77 tokens;
-    hypernetworks: names of the bundle's hypernetworks whose U-Net variants to build too (at the U-Net's shapes)."""
+    hypernetworks: names of the bundle's hypernetworks whose U-Net variants to build too (at the U-Net's shapes);
+    controlnet: the U-Net that takes ControlNet residuals too (the ControlNets' own: controlnet_specs)."""
     precision = check_precision(precision)
     if isinstance(batch, bool) or not isinstance(batch, int) or not 1 <= batch <= 64:
         raise InvalidRequest(f"batch must be an integer from 1 to 64, got {batch!r}")
@@ -129,6 +133,11 @@ def engine_specs(manifest: Manifest, sizes, batch: int = 1, precision: str = "fp
     tokens = manifest.tokenizer_max_length * chunks
     sizes = check_sizes(sizes, manifest.vae_scale_factor)
     variants = [_variant(manifest, name) for name in hypernetworks]
+    if controlnet:
+        if names.UNET_CONTROLNET not in manifest.graphs:
+            raise InvalidRequest("this bundle has no U-Net that takes ControlNet residuals; add it with "
+                                 "`sdrt controlnet prepare BUNDLE` first")
+        variants.append(names.UNET_CONTROLNET)
     text_rows = 2 * chunks
     specs = [EngineSpec(comp, text_rows, None, None, manifest.tokenizer_max_length, precision,
                         tuple(_shapes(manifest, comp, text_rows, 0, 0, tokens).items()))
@@ -140,6 +149,25 @@ def engine_specs(manifest: Manifest, sizes, batch: int = 1, precision: str = "fp
                 continue  # a bundle without a VAE encoder: txt2img only
             specs.append(EngineSpec(comp, rows, h, w, toks, precision,
                                     tuple(_shapes(manifest, comp, rows, h, w, tokens).items())))
+    return specs
+
+
+def controlnet_specs(cn, manifest: Manifest, sizes, batch: int = 1, precision: str = "fp16",
+                     chunks: int = 1) -> list[EngineSpec]:
+    """The engines of ControlNet bundle `cn` (its runtime/controlnet.ControlNetManifest) beside `manifest`'s for the
+    same sizes, batch and prompt length: 2·batch rows (guidance; guess mode runs fewer, padded), the image at
+    full size."""
+    precision = check_precision(precision)
+    tokens, rows = manifest.tokenizer_max_length * chunks, 2 * batch
+    declared = {t.name for t in cn.graphs[names.CONTROLNET].inputs}
+    specs = []
+    for h, w in check_sizes(sizes, cn.image_scale):
+        f = cn.image_scale
+        shapes = {names.SAMPLE: (rows, cn.in_channels, h // f, w // f), names.TIMESTEP: (rows,),
+                  names.ENCODER_HIDDEN_STATES: (rows, tokens, cn.text_width), names.CONTROLNET_COND: (rows, 3, h, w)}
+        if declared != set(shapes):
+            raise InvalidRequest(f"the ControlNet graph takes {sorted(declared)}, not {sorted(shapes)}; re-export it")
+        specs.append(EngineSpec(names.CONTROLNET, rows, h, w, tokens, precision, tuple(shapes.items())))
     return specs
 
 
