@@ -17,6 +17,9 @@ def describe(bundle: Path, m: Manifest) -> list[str]:
              f"text         {m.tokenizer_max_length} tokens, pad id {m.tokenizer_pad_id}, hidden size {m.text_hidden_size}"]
     for comp, g in m.graphs.items():
         ins = ", ".join(f"{t.name} {t.dtype}{list(t.shape)}" for t in g.inputs) or "read from the graph"
+        if comp == names.UNET_CONTROLNET:
+            ins = (f"the U-Net's inputs and {len(m.residuals)} ControlNet residuals (channels "
+                   f"{', '.join(str(r['channels']) for r in m.residuals)}): --controlnet CN_BUNDLE")
         lines.append(f"{comp + ' ':<13}{g.path}: {ins}")
         if comp in m.cpu_graphs:
             what = "fused attention and Winograd convolutions" if names.is_unet(comp) else "Winograd convolutions"

@@ -14,7 +14,7 @@ from PIL import Image
 from test_parity import use_scheduler
 
 import sdrt
-from sdrt.errors import BundleCorrupt, InvalidRequest
+from sdrt.errors import BundleCorrupt, InvalidRequest, PickleRefused
 from sdrt.runtime import names
 
 TOLERANCE = 2 / 255
@@ -186,16 +186,22 @@ def single_file(tmp_path_factory):
     folder = build_controlnet(model, root / "control_tiny_canny", seed=6)
     file = write_single_file(folder, root / "control_tiny_canny.safetensors")
     export_bundle(model, root / "bundle", **QUIET)
+    pth = root / "control_tiny_canny.pth"  # as lllyasviel's v1.1 files: a pickled state dict
+    torch.save(dict(__import__("safetensors.torch", fromlist=["load_file"]).load_file(str(file))), str(pth))
     for src, out in ((folder, "from-folder"), (file, "from-file")):
         export_controlnet(src, root / out, height=64, width=64, **QUIET)
+    with pytest.raises(PickleRefused, match="--allow-pickle"):
+        export_controlnet(pth, root / "from-pth", height=64, width=64, **QUIET)
+    export_controlnet(pth, root / "from-pth", height=64, width=64, allow_pickle=True, **QUIET)
     return root
 
 
 def test_a_single_file_controlnet_exports_as_its_folder_does(single_file):
     pipe = sdrt.Pipeline.load(single_file / "bundle")
     got = [pixels(pipe.txt2img(PROMPT, steps=4, seed=3, watermark=False, controls=[
-        sdrt.Control(sdrt.ControlNet.load(single_file / b), control_image(1))])) for b in ("from-folder", "from-file")]
-    assert np.abs(got[0] - got[1]).max() == 0
+        sdrt.Control(sdrt.ControlNet.load(single_file / b), control_image(1))]))
+        for b in ("from-folder", "from-file", "from-pth")]
+    assert np.abs(got[0] - got[1]).max() == 0 and np.abs(got[0] - got[2]).max() == 0
     plain = pixels(pipe.txt2img(PROMPT, steps=4, seed=3, watermark=False))
     assert np.abs(got[0] - plain).mean() > 2 / 255
     manifest = json.loads((single_file / "from-file" / "sdrt.json").read_text())

@@ -116,3 +116,27 @@ def test_prepare_gives_an_older_bundle_the_residual_unet(cn_bundle, bundles, pip
         json.loads((bundles["sd1"] / "sdrt.json").read_text())["residuals"]
     code, _, _ = run(capsys, "info", old)
     assert code == 0
+
+
+def test_the_depth_preprocessor_runs_the_bundles_estimator(models, tmp_path):
+    """An SD1-style text-to-image model whose folder carries a DPT (test_modes.py's), its own ControlNet."""
+    from test_modes import _add_depth_estimator
+    from tiny_models import build_model
+
+    from sdrt.export import export_bundle, export_controlnet
+    from sdrt.runtime.preprocess import depth_map
+
+    src = build_model(tmp_path / "src", "sd1", seed=8)
+    _add_depth_estimator(src)
+    export_bundle(src, tmp_path / "bundle", **QUIET)
+    export_controlnet(build_controlnet(src, tmp_path / "cn-src", seed=2), tmp_path / "cn", height=64, width=64, **QUIET)
+    pipe, net = sdrt.Pipeline.load(tmp_path / "bundle"), sdrt.ControlNet.load(tmp_path / "cn")
+    photo = control_image(5)
+    by_preprocessor = pipe.txt2img(PROMPT, steps=3, seed=2, watermark=False,
+                                   controls=[sdrt.Control(net, photo, preprocess="depth")])
+    made = depth_map(pipe.estimate_depth(photo), photo.size)  # nearer = brighter, min-max to 0..255, resized
+    gray = np.asarray(made)
+    assert made.size == photo.size and (gray == gray[..., :1]).all() and int(gray.max()) - int(gray.min()) > 64
+    by_hand = pipe.txt2img(PROMPT, steps=3, seed=2, watermark=False, controls=[sdrt.Control(net, made)])
+    assert np.array_equal(pixels(by_preprocessor), pixels(by_hand))
+    assert "Module: depth" in by_preprocessor[0].info["parameters"]

@@ -10,6 +10,11 @@ from .source import TORCH_COMPONENTS, Source, check_finite, source_hash, weight_
 
 
 def check_layout(src: Path) -> dict:
+    from .controlnet_source import is_controlnet
+
+    if is_controlnet(src):
+        raise NotAModelFolder(f"{str(src)!r} is a ControlNet, not a model: export it with `sdrt export` (the CLI "
+                              "tells them apart) or sdrt.export.export_controlnet, and pass it with --controlnet")
     if not src.is_dir() or not (src / "model_index.json").is_file():
         raise NotAModelFolder(f"{str(src)!r} is not a diffusers model folder (no model_index.json); give the folder "
                               "that holds model_index.json, unet/, vae/, text_encoder/, tokenizer/ and scheduler/")

@@ -152,6 +152,9 @@ def check_fits(m: ControlNetManifest, bundle: Manifest, bundle_name: str) -> Non
     text = {768: "SD 1.x", 1024: "SD 2.x"}
     ours = [(r["name"], r["channels"], r["level"]) for r in m.residuals]
     theirs = [(r["name"], r["channels"], r["level"]) for r in bundle.residuals]
+    if m.in_channels != bundle.latent_channels:  # a net sees the latents, never an inpainting U-Net's extra channels
+        raise InvalidRequest(f"ControlNet {m.name!r} takes {m.in_channels}-channel latents; {bundle_name!r} has "
+                             f"{bundle.latent_channels}: use a ControlNet made for its base model")
     if m.base_family != bundle.family or m.text_width != bundle.text_hidden_size or ours != theirs:
         raise InvalidRequest(
             f"ControlNet {m.name!r} was made for a {m.base_family} model with {m.text_width}-wide text "
