@@ -26,7 +26,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import train  # noqa: E402
 import world  # noqa: E402
 
-RECIPE = {"seed": 11, "images": 16000, "steps": 900, "batch": 64, "lr": 3e-4, "uncond_prob": 0.1,
+RECIPE = {"seed": 11, "images": 16000, "steps": 2400, "batch": 64, "lr": 1e-3, "uncond_prob": 0.1,
           "empty_prompt_prob": 0.4, "min_snr_gamma": 5.0, "embedding": [16, 32, 96, 256]}
 
 

@@ -170,7 +170,8 @@ class Control:
     """One ControlNet in a request: its net, the control image (path, PIL or uint8 array; resized to the
     generation size), weight (diffusers' controlnet_conditioning_scale), and the fraction of the steps it acts on
     (diffusers' control_guidance_start/end). preprocess: None (the image is the control map), "canny"
-    (OpenCV's edges, thresholds canny_low/canny_high, as A1111's extension) or "invert"."""
+    (OpenCV's edges, thresholds canny_low/canny_high, as A1111's extension), "invert", or "depth" (the model
+    bundle's own depth estimator; runtime/preprocess.py)."""
 
     net: ControlNet
     image: Any

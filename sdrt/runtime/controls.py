@@ -46,8 +46,8 @@ def check_controls(controls, guess_mode) -> tuple[Control, ...]:
             raise InvalidRequest(f"ControlNet {c.net.name!r}: start {c.start:g} must be below end {c.end:g}")
         if c.preprocess not in (None, *PREPROCESSORS):
             raise InvalidRequest(f"ControlNet preprocessor {c.preprocess!r} is not one of none, "
-                                 f"{', '.join(PREPROCESSORS)}; for any other (depth, pose, ...) give the preprocessed "
-                                 "image")
+                                 f"{', '.join(PREPROCESSORS)}; for any other (pose, segmentation, ...) give the "
+                                 "preprocessed image")
         out.append(c)
     return tuple(out)
 
