@@ -224,6 +224,43 @@ def min_snr_weights(sched, gamma: float) -> torch.Tensor:
     return torch.clamp(snr, max=gamma) / snr
 
 
+class FineTune:
+    """What the fine-tuning scripts (train_depth.py, train_controlnet.py) share: the scheduler, min-SNR weights,
+    optimizer, random stream and log, and each step's batch of noised latents, its captions (the empty prompt
+    with probability `drop`) and the loss step. The draws come in one order: the batch, the latents' sample,
+    the prompt drops, the noise, the timesteps."""
+
+    def __init__(self, params, r: dict, name: str, means, stds, text, scaling: float):
+        from diffusers import DDPMScheduler
+
+        self.r, self.params, self.means, self.stds, self.text, self.scaling = r, list(params), means, stds, text, scaling
+        self.sched = DDPMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+                                   num_train_timesteps=1000)
+        self.weights = min_snr_weights(self.sched, r["min_snr_gamma"])
+        self.opt = torch.optim.AdamW([{"params": self.params, "peak_lr": r["lr"]}], weight_decay=0.0)
+        self.gen, self.log = torch.Generator().manual_seed(r["seed"]), Log(name, 100)
+
+    def batch(self, step: int, drop: float):
+        """(idx, noisy latents, noise, t, captions) for `step`; text[-1] is the empty prompt."""
+        set_lr(self.opt, step, self.r["steps"])
+        b, gen, means, stds = self.r["batch"], self.gen, self.means, self.stds
+        idx = torch.randint(0, len(means), (b,), generator=gen)
+        z = (means[idx] + stds[idx] * torch.randn(means[idx].shape, generator=gen)) * self.scaling
+        cond = self.text[idx].clone()
+        cond[torch.rand(b, generator=gen) < drop] = self.text[-1]
+        noise, t = torch.randn(z.shape, generator=gen), torch.randint(0, 1000, (b,), generator=gen)
+        return idx, self.sched.add_noise(z, noise, t), noise, t, cond
+
+    def step(self, step: int, eps, noise, t) -> None:
+        mse = (eps - noise).pow(2).mean(dim=(1, 2, 3))
+        loss = (mse * self.weights[t]).mean()
+        self.opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(self.params, 1.0)
+        self.opt.step()
+        self.log.add(step, self.r["steps"], loss=loss.item(), eps_mse=mse.mean().item())
+
+
 def train_diffusion(means, stds, ids: torch.Tensor, scaling: float, r: dict, gen: torch.Generator,
                     ckpt: Checkpoint):
     from diffusers import DDPMScheduler

@@ -41,7 +41,7 @@ def canny_maps(images: np.ndarray) -> np.ndarray:
 
 
 def main(argv=None) -> None:
-    from diffusers import AutoencoderKL, ControlNetModel, DDPMScheduler, UNet2DConditionModel
+    from diffusers import AutoencoderKL, ControlNetModel, UNet2DConditionModel
     from transformers import CLIPTextModel
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -62,33 +62,18 @@ def main(argv=None) -> None:
     means, stds = train.encode_all(vae, renders)
     control = torch.from_numpy(canny_maps(renders))  # (N, 3, 64, 64)
     with torch.no_grad():
-        text = te(train.token_ids([s.caption for s in scenes] + [""]))[0]  # frozen: encode once
-    empty = text[-1]
-    sched = DDPMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", num_train_timesteps=1000)
-    weights = train.min_snr_weights(sched, r["min_snr_gamma"])
-    opt = torch.optim.AdamW([{"params": net.parameters(), "peak_lr": r["lr"]}], weight_decay=0.0)
-    gen, log, b = torch.Generator().manual_seed(r["seed"]), train.Log("controlnet", 100), r["batch"]
+        text = te(train.token_ids([s.caption for s in scenes] + [""]))[0]  # frozen: encode once; [-1] is ""
+    tune = train.FineTune(net.parameters(), r, "controlnet", means, stds, text, vae.config.scaling_factor)
     for step in range(r["steps"]):
-        train.set_lr(opt, step, r["steps"])
-        idx = torch.randint(0, len(scenes), (b,), generator=gen)
-        z = (means[idx] + stds[idx] * torch.randn(means[idx].shape, generator=gen)) * vae.config.scaling_factor
-        cond = text[idx].clone()
-        cond[torch.rand(b, generator=gen) < r["uncond_prob"] + r["empty_prompt_prob"]] = empty
-        noise, t = torch.randn(z.shape, generator=gen), torch.randint(0, 1000, (b,), generator=gen)
-        noisy = sched.add_noise(z, noise, t)
+        idx, noisy, noise, t, cond = tune.batch(step, r["uncond_prob"] + r["empty_prompt_prob"])
         down, mid = net(noisy, t, cond, control[idx], return_dict=False)
         eps = unet(noisy, t, cond, down_block_additional_residuals=down, mid_block_additional_residual=mid).sample
-        mse = (eps - noise).pow(2).mean(dim=(1, 2, 3))
-        loss = (mse * weights[t]).mean()
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(net.parameters(), 1.0)
-        opt.step()
-        log.add(step, r["steps"], loss=loss.item(), eps_mse=mse.mean().item())
+        tune.step(step, eps, noise, t)
     if args.out.exists():
         shutil.rmtree(args.out)
     net.eval().save_pretrained(args.out, safe_serialization=True)
-    summary = {"recipe": r, "threads": args.threads, "wall_s": round(time.perf_counter() - started), "loss": log.last}
+    summary = {"recipe": r, "threads": args.threads, "wall_s": round(time.perf_counter() - started),
+               "loss": tune.log.last}
     (args.out / "training_controlnet.json").write_text(json.dumps(summary, indent=2) + "\n")
     print("done", json.dumps(summary), flush=True)
 

@@ -57,7 +57,7 @@ def five_channel_unet(unet):
 
 
 def main(argv=None) -> None:
-    from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+    from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import CLIPTextModel
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -75,27 +75,12 @@ def main(argv=None) -> None:
     means, stds = train.encode_all(vae, world.render_batch(scenes))
     depth = depth_condition(torch.from_numpy(depth_maps(scenes)), means.shape[-1])
     with torch.no_grad():
-        text = te(train.token_ids([s.caption for s in scenes] + [""]))[0]  # frozen: encode once
-    uncond = text[-1]
-    sched = DDPMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", num_train_timesteps=1000)
-    weights = train.min_snr_weights(sched, r["min_snr_gamma"])
-    opt = torch.optim.AdamW([{"params": unet.parameters(), "peak_lr": r["lr"]}], weight_decay=0.0)
-    gen, log, b = torch.Generator().manual_seed(r["seed"]), train.Log("depth unet", 100), r["batch"]
+        text = te(train.token_ids([s.caption for s in scenes] + [""]))[0]  # frozen: encode once; [-1] is ""
+    tune = train.FineTune(unet.parameters(), r, "depth unet", means, stds, text, vae.config.scaling_factor)
     for step in range(r["steps"]):
-        train.set_lr(opt, step, r["steps"])
-        idx = torch.randint(0, len(scenes), (b,), generator=gen)
-        z = (means[idx] + stds[idx] * torch.randn(means[idx].shape, generator=gen)) * vae.config.scaling_factor
-        cond = text[idx].clone()
-        cond[torch.rand(b, generator=gen) < r["uncond_prob"]] = uncond
-        noise, t = torch.randn(z.shape, generator=gen), torch.randint(0, 1000, (b,), generator=gen)
-        sample = torch.cat([sched.add_noise(z, noise, t), depth[idx]], dim=1)  # (B, 5, 8, 8)
-        mse = (unet(sample, t, cond).sample - noise).pow(2).mean(dim=(1, 2, 3))
-        loss = (mse * weights[t]).mean()
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(unet.parameters(), 1.0)
-        opt.step()
-        log.add(step, r["steps"], loss=loss.item(), eps_mse=mse.mean().item())
+        idx, noisy, noise, t, cond = tune.batch(step, r["uncond_prob"])
+        sample = torch.cat([noisy, depth[idx]], dim=1)  # (B, 5, 8, 8)
+        tune.step(step, unet(sample, t, cond).sample, noise, t)
     if args.out.exists():
         shutil.rmtree(args.out)
     shutil.copytree(args.model, args.out, ignore=shutil.ignore_patterns("unet", "training.json"))
@@ -103,7 +88,8 @@ def main(argv=None) -> None:
     index = json.loads((args.out / "model_index.json").read_text())
     index["_class_name"] = "StableDiffusionDepth2ImgPipeline"
     (args.out / "model_index.json").write_text(json.dumps(index, indent=2) + "\n")
-    summary = {"recipe": r, "threads": args.threads, "wall_s": round(time.perf_counter() - started), "loss": log.last}
+    summary = {"recipe": r, "threads": args.threads, "wall_s": round(time.perf_counter() - started),
+               "loss": tune.log.last}
     (args.out / "training_depth.json").write_text(json.dumps(summary, indent=2) + "\n")
     print("done", json.dumps(summary), flush=True)
 
