@@ -15,7 +15,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-from single_file_fixture import _RESNET, _rename  # noqa: E402
+from single_file_fixture import _rename, down_path_to_ldm  # noqa: E402
 
 EMBEDDING = (16, 32, 96, 256)
 
@@ -43,27 +43,12 @@ def build_controlnet(model_dir: Path, out: Path, seed: int = 0, scale: float = 1
 
 def to_ldm(state: dict, config: dict, prefix: str = "control_model.") -> dict:
     """diffusers ControlNetModel weights -> the original layout (input_blocks, zero_convs, input_hint_block)."""
-    n, layers = len(config["block_out_channels"]), config["layers_per_block"]
-    down_attn = [t.startswith("CrossAttn") for t in config["down_block_types"]]
-    p = [("time_embedding.linear_1.", "time_embed.0.", []), ("time_embedding.linear_2.", "time_embed.2.", []),
-         ("conv_in.", "input_blocks.0.0.", []),
-         ("mid_block.resnets.0.", "middle_block.0.", _RESNET), ("mid_block.attentions.0.", "middle_block.1.", []),
-         ("mid_block.resnets.1.", "middle_block.2.", _RESNET),
-         ("controlnet_cond_embedding.conv_in.", "input_hint_block.0.", []),
-         ("controlnet_cond_embedding.conv_out.", f"input_hint_block.{2 * (2 * len(EMBEDDING) - 1)}.", []),
-         ("controlnet_mid_block.", "middle_block_out.0.", [])]
+    p, idx = down_path_to_ldm(config)
+    p += [("controlnet_cond_embedding.conv_in.", "input_hint_block.0.", []),
+          ("controlnet_cond_embedding.conv_out.", f"input_hint_block.{2 * (2 * len(EMBEDDING) - 1)}.", []),
+          ("controlnet_mid_block.", "middle_block_out.0.", [])]
     for j in range(2 * (len(EMBEDDING) - 1)):
         p.append((f"controlnet_cond_embedding.blocks.{j}.", f"input_hint_block.{2 * (j + 1)}.", []))
-    idx = 1
-    for i in range(n):
-        for j in range(layers):
-            p.append((f"down_blocks.{i}.resnets.{j}.", f"input_blocks.{idx}.0.", _RESNET))
-            if down_attn[i]:
-                p.append((f"down_blocks.{i}.attentions.{j}.", f"input_blocks.{idx}.1.", []))
-            idx += 1
-        if i < n - 1:
-            p.append((f"down_blocks.{i}.downsamplers.0.conv.", f"input_blocks.{idx}.0.op.", []))
-            idx += 1
     for k in range(idx):
         p.append((f"controlnet_down_blocks.{k}.", f"zero_convs.{k}.0.", []))
     return _rename(state, p, prefix)

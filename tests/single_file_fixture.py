@@ -89,12 +89,13 @@ def _rename(state: dict, prefixes: list[tuple[str, str, list]], out_prefix: str)
     return out
 
 
-def unet_to_ldm(state: dict, config: dict) -> dict:
+def down_path_to_ldm(config: dict) -> tuple[list, int]:
+    """The renames of the down path and mid block (the U-Net's, and a ControlNet's copy of them), and the number
+    of input blocks."""
     n, layers = len(config["block_out_channels"]), config["layers_per_block"]
     down_attn = [t.startswith("CrossAttn") for t in config["down_block_types"]]
-    up_attn = [t.startswith("CrossAttn") for t in config["up_block_types"]]
     p = [("time_embedding.linear_1.", "time_embed.0.", []), ("time_embedding.linear_2.", "time_embed.2.", []),
-         ("conv_in.", "input_blocks.0.0.", []), ("conv_norm_out.", "out.0.", []), ("conv_out.", "out.2.", []),
+         ("conv_in.", "input_blocks.0.0.", []),
          ("mid_block.resnets.0.", "middle_block.0.", _RESNET), ("mid_block.attentions.0.", "middle_block.1.", []),
          ("mid_block.resnets.1.", "middle_block.2.", _RESNET)]
     idx = 1
@@ -107,6 +108,14 @@ def unet_to_ldm(state: dict, config: dict) -> dict:
         if i < n - 1:
             p.append((f"down_blocks.{i}.downsamplers.0.conv.", f"input_blocks.{idx}.0.op.", []))
             idx += 1
+    return p, idx
+
+
+def unet_to_ldm(state: dict, config: dict) -> dict:
+    n, layers = len(config["block_out_channels"]), config["layers_per_block"]
+    up_attn = [t.startswith("CrossAttn") for t in config["up_block_types"]]
+    p, _ = down_path_to_ldm(config)
+    p += [("conv_norm_out.", "out.0.", []), ("conv_out.", "out.2.", [])]
     idx = 0
     for i in range(n):
         for j in range(layers + 1):
