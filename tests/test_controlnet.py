@@ -209,6 +209,17 @@ def test_a_single_file_controlnet_exports_as_its_folder_does(single_file):
     assert len(manifest["residuals"]) == 5 and manifest["format"] == "sdrt-controlnet"
 
 
+def test_the_cli_exports_a_pickled_controlnet_only_with_allow_pickle(single_file, tmp_path, capsys):
+    from test_cli import run
+
+    pth = single_file / "control_tiny_canny.pth"
+    code, _, err = run(capsys, "export", pth, "--out", tmp_path / "no")
+    assert code != 0 and "--allow-pickle" in err and not (tmp_path / "no").exists()
+    code, out, err = run(capsys, "export", pth, "--out", tmp_path / "yes", "--allow-pickle", "--height", 64,
+                         "--width", 64)
+    assert code == 0 and "ControlNet for sd models with 64-wide text, 5 residuals" in out, err
+
+
 def test_a_controlnet_for_another_model_is_refused_naming_both(single_file, pipes):
     net = sdrt.ControlNet.load(single_file / "from-file")
     with pytest.raises(InvalidRequest, match=r"made for a sd model with 64-wide text.*'sd1' is a sd model with "
