@@ -139,7 +139,8 @@ def _base_config(ck, prefix: str) -> dict:
     """What unet_config does not read: the conditioning embedding (input_hint_block: conv_in, then pairs of 3x3
     convolutions, the second of each with stride 2, then the zero conv_out) and the class name."""
     hint = prefix + "input_hint_block."
-    convs = sorted({int(k[len(hint):].split(".")[0]) for k in ck.keyset if k.startswith(hint) and k.endswith(".weight")})
+    convs = sorted({int(k[len(hint):].split(".")[0]) for k in ck.keyset
+                    if k.startswith(hint) and k.endswith(".weight")})
     if len(convs) < 3 or convs != list(range(0, 2 * len(convs), 2)):
         raise SourceError(f"{str(ck.path)!r}: its input_hint_block is not the ControlNet conditioning embedding "
                           "(3x3 convolutions at every second index)")

@@ -41,7 +41,8 @@ def residual_layout(unet_config: dict) -> list[tuple[str, int, int]]:
         if i < len(channels) - 1:
             level += 1
             out.append((c, level))
-    return [(names.down_residual(i), c, lv) for i, (c, lv) in enumerate(out)] + [(names.MID_RESIDUAL, channels[-1], level)]
+    down = [(names.down_residual(i), c, lv) for i, (c, lv) in enumerate(out)]
+    return down + [(names.MID_RESIDUAL, channels[-1], level)]
 
 
 def residual_feeds(layout, batch: int, h: int, w: int, rng: np.random.Generator | None = None) -> dict:
@@ -163,7 +164,8 @@ def prepare(bundle: str | Path, log=print) -> bool:
                 log(f"{bundle} already takes ControlNets")
                 return False
             config = json.loads((bundle / names.UNET / "config.json").read_text(encoding="utf-8"))
-            entries = add_to(bundle, residual_layout(config), check_feeds(manifest), log=log)
+            feeds = check_feeds(manifest, "ControlNets can be added")
+            entries = add_to(bundle, residual_layout(config), feeds, log=log)
             try:
                 raw = json.loads((bundle / names.MANIFEST_FILE).read_text(encoding="utf-8"))
                 _update(manifest, entries, bundle)

@@ -21,12 +21,12 @@ from .hypernetwork import bake_into, read_all, remove_variant, variant_data, var
 
 
 
-def check_feeds(manifest: Manifest) -> dict[str, np.ndarray]:
+def check_feeds(manifest: Manifest, what: str = "hypernetworks can be added") -> dict[str, np.ndarray]:
     """The U-Net's check inputs for a bundle without its torch model, as the exporter draws them."""
     spec = manifest.graphs[names.UNET]
     if {t.name for t in spec.inputs} != {names.SAMPLE, names.TIMESTEP, names.ENCODER_HIDDEN_STATES}:
-        raise InvalidRequest(f"this bundle's U-Net takes {[t.name for t in spec.inputs]}; hypernetworks can be "
-                             "added to SD 1.x/2.x bundles (sample, timestep, encoder_hidden_states)")
+        raise InvalidRequest(f"this bundle's U-Net takes {[t.name for t in spec.inputs]}; {what} to SD 1.x/2.x "
+                             "bundles (sample, timestep, encoder_hidden_states)")
     rng = np.random.default_rng(1234)
     h, w = manifest.default_height // manifest.vae_scale_factor, manifest.default_width // manifest.vae_scale_factor
     return {names.SAMPLE: rng.standard_normal((1, manifest.unet_in_channels, h, w), dtype=np.float32),

@@ -80,8 +80,8 @@ def unet_config(ck: Mapping, family: str, base: dict, prefix: str = UNET, contro
     else:
         _check_divisible(ck, channels, SD2_UNET_HEAD_CHANNELS, "SD 2.x's 64-channel attention heads")
         heads = [c // SD2_UNET_HEAD_CHANNELS for c in channels]
-    out = {} if controlnet else {"out_channels": ck.shape(prefix + "out.2.weight")[0],
-                                 "up_block_types": ["CrossAttnUpBlock2D" if a else "UpBlock2D" for a in reversed(attention)]}
+    up = ["CrossAttnUpBlock2D" if a else "UpBlock2D" for a in reversed(attention)]
+    out = {} if controlnet else {"out_channels": ck.shape(prefix + "out.2.weight")[0], "up_block_types": up}
     return {**base, **out, "in_channels": conv_in[1], "block_out_channels": channels, "layers_per_block": layers,
             "down_block_types": ["CrossAttnDownBlock2D" if a else "DownBlock2D" for a in attention],
             "cross_attention_dim": ck.shape(first)[1], "use_linear_projection": len(proj_in) == 2,
