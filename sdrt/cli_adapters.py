@@ -67,6 +67,9 @@ CONTROL_OPTIONS = [
     ("control_end", list[float], typer.Option([], "--control-end", help="... and stops (default 1).")),
     ("control_preprocess", list[str], typer.Option([], "--control-preprocess", help="none, canny, invert or depth "
                                                    "(the bundle's estimator): how the image becomes the map.")),
+    ("control_mode", list[str], typer.Option([], "--control-mode", help="A1111's control mode: balanced (default), "
+                                             "prompt (My prompt is more important) or controlnet (ControlNet is "
+                                             "more important).")),
     ("canny_low", int, typer.Option(100, "--canny-low", help="canny: the lower threshold.")),
     ("canny_high", int, typer.Option(200, "--canny-high", help="canny: the upper threshold.")),
     ("guess_mode", bool, typer.Option(False, "--guess-mode", help="The nets see the positive prompt only, their "
@@ -91,10 +94,12 @@ def controls(s: dict) -> dict:
     starts = per_net(s["control_start"], 0.0, "--control-start")
     ends = per_net(s["control_end"], 1.0, "--control-end")
     pre = per_net(s["control_preprocess"], "none", "--control-preprocess")
+    modes = per_net(s["control_mode"], "balanced", "--control-mode")
     loaded: dict[Path, ControlNet] = {}
     out = []
-    for net, image, w, a, e, p in zip(nets, images, weights, starts, ends, pre):
+    for net, image, w, a, e, p, mode in zip(nets, images, weights, starts, ends, pre, modes):
         if net not in loaded:
             loaded[net] = ControlNet.load(net, backend=s["backend"], engines=s["engines"])
-        out.append(Control(loaded[net], image, w, a, e, None if p == "none" else p, s["canny_low"], s["canny_high"]))
+        out.append(Control(loaded[net], image, w, a, e, None if p == "none" else p, s["canny_low"], s["canny_high"],
+                           mode))
     return {"controls": out, "guess_mode": s["guess_mode"]}

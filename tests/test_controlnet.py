@@ -255,3 +255,30 @@ def test_bundles_of_the_wrong_kind_and_corrupt_ones_are_refused(cn, bundles, tmp
         f.write(b"\x00\x01\x02\x03")
     with pytest.raises(BundleCorrupt, match="does not match its sha256"):
         sdrt.ControlNet.load(broken)
+
+
+def test_a1111_control_modes_scale_softly_and_give_the_negative_rows_no_control(cn, pipes):
+    """sd-webui-controlnet's rule: residual r of R times weight * 0.825^(R-1-r); "ControlNet is more important"
+    also zeroes the negative rows (its cfg injection)."""
+    from sdrt.runtime.controls import CONTROL_MODES, Guide, check_controls
+
+    net, rng = cn["sd1"]["nets"][0], np.random.default_rng(2)
+    x = rng.standard_normal((1, 4, 8, 8), dtype=np.float32)
+    t, text = np.full(2, 500.0, np.float32), rng.standard_normal((2, 77, 32), dtype=np.float32)
+    out = {}
+    for mode in (0, "prompt", CONTROL_MODES[2]):
+        control = sdrt.Control(net, control_image(1), weight=0.7, mode=mode)
+        guide = Guide.make(check_controls([control], False), False, 64, 64, 1, True)
+        out[guide.controls[0].mode] = guide.residuals(0, 1, x, t, text, True)
+    balanced, prompt, control = (out[m] for m in CONTROL_MODES)
+    names_ = list(balanced)
+    for r, k in enumerate(names_):
+        ramp = 0.825 ** (len(names_) - 1 - r)
+        np.testing.assert_allclose(prompt[k], balanced[k] * np.float32(ramp), rtol=1e-5, atol=1e-6)
+        assert not control[k][:1].any()  # the negative row
+        np.testing.assert_allclose(control[k][1:], prompt[k][1:], rtol=1e-5, atol=1e-6)
+    image = pipes["sd1"].txt2img(PROMPT, steps=3, seed=1, watermark=False,
+                                 controls=[sdrt.Control(net, control_image(1), mode="controlnet")])[0]
+    assert "Control Mode: ControlNet is more important" in image.info["parameters"]
+    with pytest.raises(InvalidRequest, match="control mode 'loud' is not one of"):
+        pipes["sd1"].txt2img(PROMPT, steps=1, controls=[sdrt.Control(net, control_image(1), mode="loud")])

@@ -70,12 +70,15 @@ def test_canny_and_invert_preprocess_the_control_image(cn_bundle, pipes, tmp_pat
     png = tmp_path / "c.png"
     code, _, err = run(capsys, "generate", PROMPT, "--model", bundles["sd1"], "--out", png, "--steps", 3,
                        "--seed", 1, "--controlnet", net_dir, "--control-image", tmp_path / "photo.png",
-                       "--control-preprocess", "canny", "--canny-low", 50, "--canny-high", 120, "--no-watermark")
+                       "--control-preprocess", "canny", "--canny-low", 50, "--canny-high", 120, "--no-watermark",
+                       "--control-mode", "prompt")
     assert code == 0, err
-    assert "Module: canny" in Image.open(png).text["parameters"] and "Threshold A: 50, Threshold B: 120" in \
-        Image.open(png).text["parameters"]
+    params = Image.open(png).text["parameters"]
+    assert "Module: canny" in params and "Threshold A: 50, Threshold B: 120" in params
+    assert "Control Mode: My prompt is more important" in params
     by_hand = pipes["sd1"].txt2img(PROMPT, steps=3, seed=1, watermark=False,
-                                   controls=[sdrt.Control(sdrt.ControlNet.load(net_dir), Image.fromarray(edges))])
+                                   controls=[sdrt.Control(sdrt.ControlNet.load(net_dir), Image.fromarray(edges),
+                                                          mode="My prompt is more important")])
     assert np.array_equal(pixels([Image.open(png)]), pixels(by_hand))
 
 

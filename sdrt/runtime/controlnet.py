@@ -171,7 +171,8 @@ class Control:
     generation size), weight (diffusers' controlnet_conditioning_scale), and the fraction of the steps it acts on
     (diffusers' control_guidance_start/end). preprocess: None (the image is the control map), "canny"
     (OpenCV's edges, thresholds canny_low/canny_high, as A1111's extension), "invert", or "depth" (the model
-    bundle's own depth estimator; runtime/preprocess.py)."""
+    bundle's own depth estimator; runtime/preprocess.py). mode: A1111's control mode, "Balanced", "My prompt is more
+    important" or "ControlNet is more important" (runtime/controls.py)."""
 
     net: ControlNet
     image: Any
@@ -181,3 +182,4 @@ class Control:
     preprocess: str | None = None
     canny_low: int = 100
     canny_high: int = 200
+    mode: str = "Balanced"  # A1111's control mode (runtime/controls.py: CONTROL_MODES)

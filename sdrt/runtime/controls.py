@@ -10,10 +10,15 @@ As diffusers' StableDiffusionControlNetPipeline (and MultiControlNetModel) compu
   first down residual up to 1 for the mid one); guess mode with guidance runs the nets on the positive rows only
   and gives the negative rows no control;
 - several nets sum their residuals.
+
+A1111's control modes (sd-webui-controlnet's hook.py), per net: "Balanced" is the above; "My prompt is more
+important" scales residual r of R by weight * 0.825^(R-1-r) instead (its "soft injection": 0.825^12 = 0.099 for
+the first of SD's 13, 1 for the mid one); "ControlNet is more important" does that too and gives the negative
+rows no control (its "cfg injection"; the net then runs on the positive rows only: the same numbers, half the work).
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 from PIL import Image
@@ -23,6 +28,21 @@ from . import images as im
 from . import names
 from .controlnet import Control, ControlNet
 from .preprocess import PREPROCESSORS, run_preprocessor
+
+
+CONTROL_MODES = ("Balanced", "My prompt is more important", "ControlNet is more important")  # A1111's, 0, 1, 2
+SOFT = 0.825  # A1111's soft-injection ratio between neighbouring residuals
+
+
+def control_mode(value) -> str:
+    """A1111's label, its index (0, 1, 2, as its API takes them) or balanced / prompt / controlnet."""
+    short = {"balanced": 0, "prompt": 1, "controlnet": 2}
+    if isinstance(value, int) and not isinstance(value, bool) and 0 <= value < len(CONTROL_MODES):
+        return CONTROL_MODES[value]
+    if isinstance(value, str) and (value in CONTROL_MODES or value.lower() in short):
+        return value if value in CONTROL_MODES else CONTROL_MODES[short[value.lower()]]
+    raise InvalidRequest(f"control mode {value!r} is not one of {', '.join(map(repr, CONTROL_MODES))} (or 0, 1, 2; "
+                         "balanced, prompt, controlnet)")
 
 
 def check_controls(controls, guess_mode) -> tuple[Control, ...]:
@@ -48,7 +68,7 @@ def check_controls(controls, guess_mode) -> tuple[Control, ...]:
             raise InvalidRequest(f"ControlNet preprocessor {c.preprocess!r} is not one of none, "
                                  f"{', '.join(PREPROCESSORS)}; for any other (pose, segmentation, ...) give the "
                                  "preprocessed image")
-        out.append(c)
+        out.append(replace(c, mode=control_mode(c.mode)))
     return tuple(out)
 
 
@@ -89,9 +109,14 @@ class Guide:
         if not controls:
             return None
         guess = guess_mode or any(c.net.manifest.global_pool_conditions for c in controls)
-        rows = 2 * batch if cfg and not guess else batch
-        images = [np.repeat(control_image(c, width, height, depth), rows, axis=0) for c in controls]
+        images = [np.repeat(control_image(c, width, height, depth), 2 * batch if cfg and not cls._cond_only(c, guess)
+                            else batch, axis=0) for c in controls]
         return cls(controls, images, guess)
+
+    @staticmethod
+    def _cond_only(control: Control, guess: bool) -> bool:
+        """Whether the net gives only the positive rows control (guess mode, A1111's cfg injection)."""
+        return guess or control.mode == CONTROL_MODES[2]
 
     def residuals(self, i: int, n: int, x: np.ndarray, t: np.ndarray, text: np.ndarray, cfg: bool) -> dict | None:
         """Summed residuals for step i of n (None: no net acts). x: (B, 4, h, w) scaled latents; t: (rows,)
@@ -99,25 +124,28 @@ class Guide:
         active = [(c, img) for c, img in zip(self.controls, self.images) if not (i / n < c.start or (i + 1) / n > c.end)]
         if not active:
             return None
-        b = len(x)
-        cond_only = self.guess_mode and cfg
-        sample = x if cond_only or not cfg else np.concatenate([x, x])
-        t_in, text_in = (t[b:], text[b:]) if cond_only else (t, text)
-        total = None
+        b, total = len(x), None
         for control, image in active:
-            out = control.net(sample, t_in, text_in, image)
+            cond_only = cfg and self._cond_only(control, self.guess_mode)
+            if cond_only:  # the positive rows; the negative ones get zeros
+                out = control.net(x, t[b:], text[b:], image)
+            else:
+                out = control.net(np.concatenate([x, x]) if cfg else x, t, text, image)
             scales = self._scales(control, len(out))
             scaled = {k: v * s for (k, v), s in zip(out.items(), scales)}
+            if cond_only:
+                scaled = {k: np.concatenate([np.zeros_like(v), v]) for k, v in scaled.items()}
             total = scaled if total is None else {k: total[k] + v for k, v in scaled.items()}
-        if cond_only:
-            total = {k: np.concatenate([np.zeros_like(v), v]) for k, v in total.items()}
         return total
 
     def _scales(self, control: Control, count: int) -> list[np.float32]:
+        w = np.float32(control.weight)
         if self.guess_mode and not control.net.manifest.global_pool_conditions:
             ramp = np.logspace(-1, 0, count).astype(np.float32)  # torch.logspace(-1, 0, 13) in float32
-            return [np.float32(r * np.float32(control.weight)) for r in ramp]
-        return [np.float32(control.weight)] * count
+            return [np.float32(r * w) for r in ramp]
+        if control.mode != CONTROL_MODES[0]:  # A1111's soft injection
+            return [np.float32(control.weight * SOFT ** float(count - 1 - r)) for r in range(count)]
+        return [w] * count
 
 
 def infotext(controls, guess_mode: bool) -> dict[str, str]:
@@ -129,7 +157,7 @@ def infotext(controls, guess_mode: bool) -> dict[str, str]:
         if c.preprocess == "canny":
             fields |= {"Threshold A": c.canny_low, "Threshold B": c.canny_high}
         fields |= {"Guidance Start": f"{c.start:g}", "Guidance End": f"{c.end:g}",
-                   "Control Mode": "Guess Mode" if guess_mode else "Balanced"}
+                   "Control Mode": "Guess Mode" if guess_mode else c.mode}
         out[f"ControlNet {k}"] = '"' + ", ".join(f"{key}: {v}" for key, v in fields.items()) + '"'
     return out
 
