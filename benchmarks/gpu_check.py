@@ -5,7 +5,9 @@
     a capture that must fail and leave the stream usable, and out-of-memory mapped to DeviceOutOfMemory.
 (b) when TensorRT is importable: engines for a random-weight tiny model (tests/tiny_models.py) and the
     embedded model, images against ONNX Runtime on the CPU (fp32: max difference <= 2/255; fp16: PSNR >= 35 dB),
-    each stage timed with CUDA events with and without CUDA graphs, and peak device memory.
+    each stage timed with CUDA events with and without CUDA graphs, and peak device memory; then the tiny model
+    with a tiny random ControlNet (`sdrt build --controlnet`: the residual U-Net's and the ControlNet's engines),
+    its image against ONNX Runtime's by the same bars.
 Prints a JSON summary; exits 0 when every check passed, 1 when one failed, 2 (one line) when there is no GPU.
 """
 from __future__ import annotations
@@ -210,6 +212,9 @@ def check_tensorrt(args, rt, work: Path) -> dict:
         if BUNDLE.is_dir():
             bundles.append(BUNDLE)
     results, passed = {}, True
+    if not args.bundle:
+        results["controlnet"] = check_controlnet(args, work, work / "tiny", work / "tiny-bundle")
+        passed &= results["controlnet"]["passed"]
     for bundle in bundles:
         ref = Pipeline.load(bundle)
         kw = dict(steps=args.steps, seed=1, guidance=7.5, watermark=False)
@@ -238,6 +243,41 @@ def check_tensorrt(args, rt, work: Path) -> dict:
                 session.close()
             results[f"{Path(bundle).name}/{precision}"] = row
     return {"bundles": results, "passed": passed}
+
+
+def check_controlnet(args, work: Path, model: Path, bundle: Path) -> dict:
+    """The tiny model with a random ControlNet (tests/controlnet_models.py) on TensorRT against ONNX Runtime."""
+    from controlnet_models import build_controlnet
+    from PIL import Image
+
+    import sdrt
+    from sdrt.export import export_controlnet
+    from sdrt.export.build import build_engines
+
+    export_controlnet(build_controlnet(model, work / "cn", seed=3), work / "cn-bundle", height=64, width=64,
+                      log=lambda *_: None)
+    control = Image.fromarray(((np.indices((64, 64)).sum(0) // 8) % 2 * 255).astype(np.uint8)).convert("RGB")
+    kw = dict(steps=args.steps, seed=1, guidance=7.5, watermark=False)
+
+    def image(backend: str, engines=None):
+        pipe = sdrt.Pipeline.load(bundle, backend=backend, engines=engines)
+        net = sdrt.ControlNet.load(work / "cn-bundle", backend=backend, engines=engines)
+        out = pipe.txt2img("a red circle on a blue background", controls=[sdrt.Control(net, control)], **kw)[0]
+        net.close()
+        return np.asarray(out)
+
+    want, row, passed = image("onnxruntime"), {}, True
+    for precision in ("fp32", "fp16"):
+        engines = work / f"engines-cn-{precision}"
+        build_engines(bundle, precision=precision, engines_dir=engines, controlnets=[work / "cn-bundle"],
+                      log=lambda *_: None)
+        got = image("tensorrt", engines)
+        diff = np.abs(got.astype(int) - want.astype(int))
+        row[precision] = {"max_diff": int(diff.max()), "psnr": round(_psnr(got, want), 2)}
+        ok = row[precision]["max_diff"] <= 2 if precision == "fp32" else row[precision]["psnr"] >= 35
+        row[precision]["passed"] = bool(ok)
+        passed &= bool(ok)
+    return {**row, "passed": passed}
 
 
 def main(argv=None) -> int:
