@@ -282,3 +282,32 @@ def test_a1111_control_modes_scale_softly_and_give_the_negative_rows_no_control(
     assert "Control Mode: ControlNet is more important" in image.info["parameters"]
     with pytest.raises(InvalidRequest, match="control mode 'loud' is not one of"):
         pipes["sd1"].txt2img(PROMPT, steps=1, controls=[sdrt.Control(net, control_image(1), mode="loud")])
+
+
+def test_after_a_controlnet_request_the_plain_steps_run_on_the_one_unet_session(cn, bundles, tmp_path):
+    """Once the residual U-Net is open, it also computes the plain U-Net (zero residuals) and the plain session is
+    closed: one copy of the weights. The same pixels either way, also across a LoRA that reopens the U-Net."""
+    from safetensors.numpy import save_file
+
+    from sdrt.runtime.controls import PlainThroughResiduals
+    from sdrt.runtime.engines import OrtEngine
+
+    key = "lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_q"  # a (32, 32) projection
+    save_file({f"{key}.lora_down.weight": np.ones((2, 32), np.float32) * 0.1,
+               f"{key}.lora_up.weight": np.ones((32, 2), np.float32) * 0.1}, str(tmp_path / "glow.safetensors"))
+    plain_only, pipe = sdrt.Pipeline.load(bundles["sd1"]), sdrt.Pipeline.load(bundles["sd1"])  # the first never
+    net, kw = cn["sd1"]["nets"][0], dict(steps=4, seed=5, watermark=False)  # sees a ControlNet
+    controls = [sdrt.Control(net, control_image(2), end=0.5)]  # half the steps plain
+    lora = [(tmp_path / "glow.safetensors", 1.0)]
+    want = {"plain": pixels(plain_only.txt2img(PROMPT, **kw)),
+            "lora": pixels(plain_only.txt2img(PROMPT, loras=lora, **kw))}
+    plain_only.set_loras([])
+    assert np.abs(pixels(pipe.txt2img(PROMPT, controls=controls, **kw)) - want["plain"]).mean() > 1 / 255
+    assert isinstance(pipe.engines[names.UNET], PlainThroughResiduals)
+    assert np.array_equal(pixels(pipe.txt2img(PROMPT, **kw)), want["plain"])
+    assert np.array_equal(pixels(pipe.txt2img(PROMPT, loras=lora, **kw)), want["lora"])
+    assert type(pipe.engines[names.UNET]) is OrtEngine  # the LoRA reopened the plain graph on its weights
+    with_both = pixels(pipe.txt2img(PROMPT, loras=lora, controls=controls, **kw))
+    assert isinstance(pipe.engines[names.UNET], PlainThroughResiduals)
+    assert np.array_equal(pixels(pipe.txt2img(PROMPT, loras=lora, **kw)), want["lora"])
+    assert np.abs(with_both - want["lora"]).mean() > 1 / 255

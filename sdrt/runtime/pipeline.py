@@ -96,13 +96,16 @@ class Pipeline(ImageModes):
         if wanted == self.loras:
             return
         patches = lora.overrides(self.path, list(wanted))
+        unet_changes = names.UNET in patches or names.UNET in self._patched
         for comp in names.LORA_COMPONENTS:
             if comp in patches or comp in self._patched:
-                old = self.engines[comp]
+                old = self.engines[comp]  # (the plain U-Net, or its stand-in PlainThroughResiduals: path, threads)
                 self.engines[comp] = OrtEngine(old.path, comp, old.threads, patches.get(comp))
         self._patched = set(patches)
         self.loras = wanted
-        self._unet_patches, self._variant, self._controlled = patches.get(names.UNET), None, None  # reopened
+        self._unet_patches, self._variant = patches.get(names.UNET), None  # variants reopen on the new weights
+        if unet_changes:
+            self._controlled = None
 
     def _request_loras(self, prompt: str, loras) -> list[tuple[Path, float]]:
         """--lora files plus the prompt's <lora:name:w> tags, resolved in lora_dirs."""
@@ -151,6 +154,8 @@ class Pipeline(ImageModes):
         """The U-Net for the job, and the inputs it takes besides the plain one's: a hypernetwork's variant
         and its strength, or the plain U-Net (no hypernetwork, or strength 0: the same image exactly)."""
         hn = job.hypernetwork
+        if job.guide is not None:
+            self._controlled_unet()  # first: on ONNX Runtime it then serves the plain steps too (one weight copy)
         if hn is None or hn.off:
             return self.engines[names.UNET], {}
         if self._variant is None or self._variant[0] != hn.component:
@@ -168,9 +173,15 @@ class Pipeline(ImageModes):
             self._controlled = self.engines[names.UNET_CONTROLNET]
         if self._controlled is None:
             rel = self.manifest.cpu_graphs.get(names.UNET_CONTROLNET, self.manifest.graphs[names.UNET_CONTROLNET].path)
-            engine = OrtEngine(self.path / rel, names.UNET_CONTROLNET, self.threads, self._unet_patches)
-            check_io(self.manifest, {names.UNET_CONTROLNET: engine})
-            self._controlled = engine
+            plain = _controls.PlainThroughResiduals(self.engines.pop(names.UNET), self.manifest)  # the plain session
+            try:  # is closed first: the two would hold the U-Net's weights twice
+                engine = OrtEngine(self.path / rel, names.UNET_CONTROLNET, self.threads, self._unet_patches)
+                check_io(self.manifest, {names.UNET_CONTROLNET: engine})
+            except BaseException:
+                self.engines[names.UNET] = OrtEngine(plain.path, names.UNET, plain.threads, self._unet_patches)
+                raise
+            self._controlled = plain.controlled = engine
+            self.engines[names.UNET] = plain
         return self._controlled
 
     def _open_variant(self, hn: hypernetworks.Choice) -> Engine:
