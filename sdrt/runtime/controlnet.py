@@ -155,6 +155,9 @@ def check_fits(m: ControlNetManifest, bundle: Manifest, bundle_name: str) -> Non
     if m.in_channels != bundle.latent_channels:  # a net sees the latents, never an inpainting U-Net's extra channels
         raise InvalidRequest(f"ControlNet {m.name!r} takes {m.in_channels}-channel latents; {bundle_name!r} has "
                              f"{bundle.latent_channels}: use a ControlNet made for its base model")
+    if m.image_scale != bundle.vae_scale_factor:  # its hint embedding must shrink the image as the VAE does
+        raise InvalidRequest(f"ControlNet {m.name!r} reads control images at {m.image_scale}x its latents; "
+                             f"{bundle_name!r}'s VAE works at {bundle.vae_scale_factor}x: use a ControlNet made for it")
     if m.base_family != bundle.family or m.text_width != bundle.text_hidden_size or ours != theirs:
         raise InvalidRequest(
             f"ControlNet {m.name!r} was made for a {m.base_family} model with {m.text_width}-wide text "
