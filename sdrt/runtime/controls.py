@@ -162,6 +162,13 @@ class PlainThroughResiduals(Engine):
         self.path, self.threads = plain.path, plain.threads
         self.controlled, self._residuals, self._zeros = None, manifest.residuals, {}
 
+    def __getattr__(self, name):
+        """Anything else (native_ops, the session, ...) is the engine's that computes: the residual U-Net."""
+        controlled = self.__dict__.get("controlled")
+        if controlled is None:
+            raise AttributeError(name)
+        return getattr(controlled, name)
+
     def _run(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         b, _, h, w = feeds[names.SAMPLE].shape
         if (b, h, w) not in self._zeros:  # one shape kept: a request's steps share it
