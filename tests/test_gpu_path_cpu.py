@@ -204,3 +204,29 @@ def test_gpu_check_parses_arguments_and_fails_in_one_line_without_gpu():
     run = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=60)
     assert run.returncode == 2 and run.stdout == ""
     assert len(run.stderr.strip().splitlines()) == 1 and run.stderr.startswith("gpu_check: no usable GPU here: ")
+
+
+def test_a_tensorrt_engine_that_does_not_match_the_manifest_frees_the_device_memory(monkeypatch, tmp_path):
+    """Fault injection: load_tensorrt_engines stands in for TensorRT (no GPU here) with an engine whose inputs the
+    manifest does not promise; check_io refuses it, and the session that owns the device memory is closed."""
+    from sdrt.errors import BundleCorrupt
+    from sdrt.runtime import engines as eng
+    from sdrt.runtime.manifest import TensorSpec
+    from test_engine_store import fake_manifest
+
+    class Session:
+        closed = False
+
+        def close(self):
+            self.closed = True
+
+    class Wrong:
+        inputs = {"x": TensorSpec("x", "float32", (1,))}
+        outputs = {}
+
+    session = Session()
+    monkeypatch.setattr(eng, "choose_backend", lambda *a: "tensorrt")
+    monkeypatch.setattr(eng, "load_tensorrt_engines", lambda *a: ({"unet": Wrong()}, session))
+    with pytest.raises(BundleCorrupt, match="unet graph does not match"):
+        eng.open_engines(tmp_path, fake_manifest(), "tensorrt")
+    assert session.closed

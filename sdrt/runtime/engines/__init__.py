@@ -52,7 +52,12 @@ def open_engines(bundle: Path, manifest: Manifest, backend: str = "auto", engine
         chosen = {**manifest.cpu_graphs, **(manifest.int8_graphs if int8 else {})}
         opened = {comp: OrtEngine(bundle / chosen.get(comp, g.path), comp, threads)
                   for comp, g in manifest.graphs.items() if comp in manifest.required_components}
-    check_io(manifest, opened)
+    try:
+        check_io(manifest, opened)
+    except BaseException:
+        if session is not None:
+            session.close()  # the engines' device memory, which nothing would free otherwise
+        raise
     return OpenEngines(backend, opened, session)
 
 
