@@ -140,7 +140,7 @@ def test_a_failed_add_leaves_the_bundle_as_it_was(hn, tmp_path, monkeypatch):
     """Fault injected where real parts can't fail on demand: the disk fills while the manifest is written."""
     from sdrt.errors import OutputNotWritable
     from sdrt.export import add_hypernetwork
-    from sdrt.export import hypernet_bundle as module
+    from sdrt.export import bundle_edit as module  # where the manifest is written
 
     bundle = tmp_path / "bundle"
     shutil.copytree(hn["sd1"]["bundle"], bundle)

@@ -18,9 +18,10 @@ import numpy as np
 from ..errors import ExportFailed, InvalidRequest, OutputNotWritable
 from ..runtime import names
 from ..runtime.engines import OrtEngine
-from ..runtime.fsutil import exclusive_lock, sha256_file
+from ..runtime.fsutil import sha256_file
 from ..runtime.manifest import Manifest, load_manifest, residual_shapes
 from . import verify
+from .bundle_edit import bundle_lock, check_feeds, write_manifest
 from .passes import residuals as residual_pass
 from .trace import graph_spec
 
@@ -150,15 +151,13 @@ def add_to(bundle: Path, layout, feeds: dict[str, np.ndarray], traced=None, log=
 
 def prepare(bundle: str | Path, log=print) -> bool:
     """`sdrt controlnet prepare BUNDLE`: add the variant to a bundle exported without it (False: it had it)."""
-    from .hypernet_bundle import _write_manifest, check_feeds
-
     bundle = Path(bundle).expanduser()
     manifest = load_manifest(bundle, verify_hashes=False)
     if not manifest.hashed:
         raise InvalidRequest(f"{str(bundle)!r} has no {names.MANIFEST_FILE} (an optimum folder): export the model "
                              "with `sdrt export SRC --out BUNDLE`, which writes the ControlNet U-Net too")
     try:
-        with exclusive_lock(bundle / ".sdrt.lock"):
+        with bundle_lock(bundle):
             manifest = load_manifest(bundle)  # under the lock, hashes checked
             if names.UNET_CONTROLNET in manifest.graphs:
                 log(f"{bundle} already takes ControlNets")
@@ -167,9 +166,8 @@ def prepare(bundle: str | Path, log=print) -> bool:
             feeds = check_feeds(manifest, "ControlNets can be added")
             entries = add_to(bundle, residual_layout(config), feeds, log=log)
             try:
-                raw = json.loads((bundle / names.MANIFEST_FILE).read_text(encoding="utf-8"))
                 _update(manifest, entries, bundle)
-                _write_manifest(bundle, manifest, raw, entries["errors"])
+                write_manifest(bundle, manifest, entries["errors"])
             except BaseException:
                 remove(bundle / names.UNET)
                 raise

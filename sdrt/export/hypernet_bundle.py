@@ -7,46 +7,15 @@ writes. So the bundle loads, every listed file matching its hash, at every momen
 """
 from __future__ import annotations
 
-import json
 from pathlib import Path
-
-import numpy as np
 
 from ..errors import InvalidRequest, OutputNotWritable
 from ..runtime import names
-from ..runtime.fsutil import atomic_write_bytes, exclusive_lock, sha256_file
+from ..runtime.fsutil import sha256_file
 from ..runtime.manifest import FORMAT_VERSION, Manifest, load_manifest
+from .bundle_edit import bundle_lock, check_feeds, write_manifest
 from .hypernet_file import Hypernetwork
 from .hypernetwork import bake_into, read_all, remove_variant, variant_data, variant_name
-
-
-
-def check_feeds(manifest: Manifest, what: str = "hypernetworks can be added") -> dict[str, np.ndarray]:
-    """The U-Net's check inputs for a bundle without its torch model, as the exporter draws them."""
-    spec = manifest.graphs[names.UNET]
-    if {t.name for t in spec.inputs} != {names.SAMPLE, names.TIMESTEP, names.ENCODER_HIDDEN_STATES}:
-        raise InvalidRequest(f"this bundle's U-Net takes {[t.name for t in spec.inputs]}; {what} to SD 1.x/2.x "
-                             "bundles (sample, timestep, encoder_hidden_states)")
-    rng = np.random.default_rng(1234)
-    h, w = manifest.default_height // manifest.vae_scale_factor, manifest.default_width // manifest.vae_scale_factor
-    return {names.SAMPLE: rng.standard_normal((1, manifest.unet_in_channels, h, w), dtype=np.float32),
-            names.TIMESTEP: np.array([321.0], dtype=np.float32),
-            names.ENCODER_HIDDEN_STATES: rng.standard_normal((1, 2 * manifest.tokenizer_max_length,
-                                                              manifest.text_hidden_size), dtype=np.float32)}
-
-
-def _bundle_lock(bundle: Path):
-    return exclusive_lock(bundle / ".sdrt.lock")
-
-
-def _write_manifest(bundle: Path, manifest: Manifest, raw: dict, errors: dict, dropped: str | None = None) -> None:
-    """sdrt.json from `manifest`, keeping the fields it does not model (verification) from `raw`."""
-    data = {k: v for k, v in raw.items() if k != "hypernetworks"} | manifest.to_json()
-    checks = data.setdefault("verification", {}).setdefault("errors", {})
-    for key in [k for k in checks if dropped and k.startswith(f"{dropped}: ")]:
-        del checks[key]
-    checks.update(errors)
-    atomic_write_bytes(bundle / names.MANIFEST_FILE, (json.dumps(data, indent=2) + "\n").encode())
 
 
 def _exported_bundle(bundle: Path) -> Manifest:
@@ -77,7 +46,7 @@ def add_stack(bundle: str | Path, files, allow_pickle: bool = False, log=print) 
     _exported_bundle(bundle)
     name = variant_name(members)
     try:
-        with _bundle_lock(bundle):
+        with bundle_lock(bundle):
             _add_locked(bundle, members, log)
     except OSError as e:  # a read-only bundle, a full disk: the manifest is written last, so it is unchanged
         raise OutputNotWritable(f"adding hypernetwork {name!r} to {str(bundle)!r} failed ({e.strerror or e}); "
@@ -100,9 +69,8 @@ def _add_locked(bundle: Path, members: list[Hypernetwork], log) -> None:
                                  f"(sha256 {', '.join(h[:10] for h in _hashes(known))}); rename the new file")
         log(f"hypernetwork {name}: already in {bundle}")
         return
-    entries = bake_into(bundle, members, check_feeds(manifest), log=log)
+    entries = bake_into(bundle, members, check_feeds(manifest, "hypernetworks can be added"), log=log)
     try:
-        raw = json.loads((bundle / names.MANIFEST_FILE).read_text(encoding="utf-8"))
         manifest.graphs.update(entries["graphs"])
         manifest.cpu_graphs.update(entries["cpu_graphs"])
         manifest.hypernetworks.update(entries["hypernetworks"])
@@ -110,7 +78,7 @@ def _add_locked(bundle: Path, members: list[Hypernetwork], log) -> None:
             data_file = f"{names.UNET}/{variant_data(name)}"
             rels = [spec.path, entries["cpu_graphs"].get(comp), data_file]
             manifest.files.update({rel: sha256_file(bundle / rel) for rel in rels if rel})
-        _write_manifest(bundle, manifest, raw, entries["errors"])
+        write_manifest(bundle, manifest, entries["errors"])
     except BaseException:  # the manifest is unchanged (atomic write): drop the unlisted files too
         remove_variant(bundle / names.UNET, name)
         raise
@@ -121,20 +89,19 @@ def remove_hypernetwork(bundle: str | Path, name: str, log=print) -> None:
     bundle = Path(bundle).expanduser()
     load_manifest(bundle, verify_hashes=False)  # a bundle at all, before its lock file is made; hashes below
     try:
-        with _bundle_lock(bundle):
+        with bundle_lock(bundle):
             manifest = load_manifest(bundle)
             entry = manifest.hypernetworks.get(name)
             if entry is None:
                 have = ", ".join(sorted(manifest.hypernetworks)) or "none"
                 raise InvalidRequest(f"{str(bundle)!r} has no hypernetwork {name!r} (it has: {have})")
             comp = entry["component"]
-            raw = json.loads((bundle / names.MANIFEST_FILE).read_text(encoding="utf-8"))
             gone = {manifest.graphs.pop(comp).path, manifest.cpu_graphs.pop(comp, None),
                     f"{names.UNET}/{variant_data(name)}"}
             del manifest.hypernetworks[name]
             for rel in gone:
                 manifest.files.pop(rel, None)
-            _write_manifest(bundle, manifest, raw, {}, dropped=comp)
+            write_manifest(bundle, manifest, {}, dropped=comp)
             remove_variant(bundle / names.UNET, name)
     except OSError as e:
         raise OutputNotWritable(f"removing hypernetwork {name!r} from {str(bundle)!r} failed ({e.strerror or e}); "
