@@ -20,8 +20,7 @@ import numpy as np
 
 from ..errors import BundleCorrupt, BundleNotFound, InvalidRequest, UnsupportedBundleVersion
 from . import names
-from .fsutil import sha256_file
-from .manifest import CONTROLNET_FORMAT, GraphSpec, Manifest
+from .manifest import CONTROLNET_FORMAT, GraphSpec, Manifest, check_inside, verify_files
 
 FORMAT_VERSION = 1
 REEXPORT = "re-export it with `sdrt export CONTROLNET_SRC --out CN_BUNDLE`"
@@ -46,6 +45,7 @@ class ControlNetManifest:
 
     hashed = True  # what the engine store asks of a manifest (a model bundle's may be derived, unhashed)
     required_components = (names.CONTROLNET,)
+    token_embeddings = None  # (a model bundle's lookup table; manifest.verify_files asks)
 
     @property
     def graph_files(self) -> list[tuple[str, str]]:
@@ -86,16 +86,8 @@ def load_controlnet_manifest(path: Path) -> ControlNetManifest:
         manifest = ControlNetManifest.from_json(raw)
     except (KeyError, TypeError, ValueError) as e:
         raise BundleCorrupt(f"{str(file)!r} is missing or has a malformed field ({e!r}); {REEXPORT}") from None
-    for rel, digest in sorted(manifest.files.items()):
-        f = path / rel
-        if Path(rel).is_absolute() or ".." in Path(rel).parts:
-            raise BundleCorrupt(f"{str(file)!r} names the file {rel!r}, outside the bundle; refusing it")
-        if not f.is_file() or sha256_file(f) != digest:
-            raise BundleCorrupt(f"ControlNet bundle file {str(f)!r} is missing or does not match its sha256 in "
-                                f"{names.MANIFEST_FILE}; {REEXPORT}")
-    for rel in [g.path for g in manifest.graphs.values()] + list(manifest.cpu_graphs.values()):
-        if rel not in manifest.files:
-            raise BundleCorrupt(f"graph {rel} is not hashed in {names.MANIFEST_FILE}; {REEXPORT}")
+    check_inside(file, manifest)
+    verify_files(path, manifest)  # the model bundle's checks, on the same fields
     return manifest
 
 
