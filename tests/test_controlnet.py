@@ -121,7 +121,7 @@ def test_the_residual_unet_with_zero_residuals_is_the_plain_unet(bundles):
 
     for fam, b in bundles.items():
         m = load_manifest(b)
-        layout = [(r["name"], r["channels"], r["level"]) for r in m.residuals]
+        layout = m.residuals
         assert len(layout) == 5  # conv_in, 2 + 1 in block 0 (layers, downsampler), 1 in block 1, mid
         rng = np.random.default_rng(0)
         feeds = {names.SAMPLE: rng.standard_normal((2, 4, 9, 7), dtype=np.float32),  # odd: ceil(n/2) levels

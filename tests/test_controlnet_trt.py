@@ -20,7 +20,7 @@ SD15_UNET = {"block_out_channels": [320, 640, 1280, 1280], "layers_per_block": 2
 
 
 def _residuals():
-    return [{"name": n, "channels": c, "level": lv} for n, c, lv in residual_layout(SD15_UNET)]
+    return residual_layout(SD15_UNET)
 
 
 def with_controlnet_unet(manifest):

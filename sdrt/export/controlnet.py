@@ -57,11 +57,12 @@ def _traced(model, layout, scale: int) -> Traced:
               torch.randn(2, 77, config.cross_attention_dim, generator=g),
               torch.rand(2, config.conditioning_channels, h * scale, w * scale, generator=g))
     in_names = [names.SAMPLE, names.TIMESTEP, names.ENCODER_HIDDEN_STATES, names.CONTROLNET_COND]
-    out_names = [name for name, _, _ in layout]
+    out_names = [r["name"] for r in layout]
     axes = {names.SAMPLE: {0: "batch", 2: "height", 3: "width"}, names.TIMESTEP: {0: "batch"},
             names.ENCODER_HIDDEN_STATES: {0: "batch", 1: "tokens"},
             names.CONTROLNET_COND: {0: "batch", 2: "image_height", 3: "image_width"},
-            **{name: {0: "batch", 2: f"residual_height_{lv}", 3: f"residual_width_{lv}"} for name, _, lv in layout}}
+            **{r["name"]: {0: "batch", 2: f"residual_height_{r['level']}", 3: f"residual_width_{r['level']}"}
+               for r in layout}}
     return Traced(_wrapper(model), inputs, in_names, out_names, axes)
 
 
@@ -114,7 +115,7 @@ def export_controlnet(src: Path, out: Path, height: int | None = None, width: in
         manifest = ControlNetManifest(
             name=source.name, base_family="sd", text_width=int(config.cross_attention_dim),
             in_channels=int(config.in_channels), image_scale=scale,
-            residuals=[{"name": n, "channels": c, "level": lv} for n, c, lv in layout],
+            residuals=layout,
             graphs={names.CONTROLNET: trace.graph_spec(path, f"{names.CONTROLNET}/{names.MODEL_FILE}")},
             cpu_graphs=cpu_graphs, files=files, source_hash=source.hash,
             global_pool_conditions=bool(config.global_pool_conditions),

@@ -29,8 +29,8 @@ OFF_LIMIT = 1e-6  # zero residuals against the plain graph: x + 0 is x, so in pr
 GRAPHS = {names.MODEL_FILE: names.CONTROLNET_MODEL_FILE, names.CPU_MODEL_FILE: names.CONTROLNET_CPU_MODEL_FILE}
 
 
-def residual_layout(unet_config: dict) -> list[tuple[str, int, int]]:
-    """(input name, channels, level) of each residual diffusers' U-Net takes, down 0..N-1 then mid, from its
+def residual_layout(unet_config: dict) -> list[dict]:
+    """{"name", "channels", "level"} of each residual (the manifest's `residuals` entries) diffusers' U-Net takes, down 0..N-1 then mid, from its
     config: conv_in's output, each down block's layers, and its downsampler (all but the last block). Level L:
     the latent size halved L times (each downsampler is a stride-2 convolution: ceil(n / 2))."""
     channels = [int(c) for c in unet_config["block_out_channels"]]
@@ -42,13 +42,13 @@ def residual_layout(unet_config: dict) -> list[tuple[str, int, int]]:
         if i < len(channels) - 1:
             level += 1
             out.append((c, level))
-    down = [(names.down_residual(i), c, lv) for i, (c, lv) in enumerate(out)]
-    return down + [(names.MID_RESIDUAL, channels[-1], level)]
+    names_ = [names.down_residual(i) for i in range(len(out))] + [names.MID_RESIDUAL]
+    return [{"name": n, "channels": c, "level": lv} for n, (c, lv) in zip(names_, out + [(channels[-1], level)])]
 
 
 def residual_feeds(layout, batch: int, h: int, w: int, rng: np.random.Generator | None = None) -> dict:
     """Residual inputs for latents of h x w: zeros, or standard normal draws from rng."""
-    shapes = residual_shapes([{"name": n, "channels": c, "level": lv} for n, c, lv in layout], batch, h, w)
+    shapes = residual_shapes(layout, batch, h, w)
     return {name: np.zeros(shape, np.float32) if rng is None else rng.standard_normal(shape, dtype=np.float32)
             for name, shape in shapes.items()}
 
@@ -106,8 +106,8 @@ def _torch_output(traced, feeds, drawn, layout) -> np.ndarray:
     residuals = {k: torch.from_numpy(v) for k, v in drawn.items()}
 
     def with_residuals(module, args, kwargs):
-        return args, {**kwargs, "down_block_additional_residuals": tuple(residuals[n] for n, _, _ in layout[:-1]),
-                      "mid_block_additional_residual": residuals[layout[-1][0]]}
+        return args, {**kwargs, "down_block_additional_residuals": tuple(residuals[r["name"]] for r in layout[:-1]),
+                      "mid_block_additional_residual": residuals[layout[-1]["name"]]}
 
     handle = traced.module.m.register_forward_pre_hook(with_residuals, with_kwargs=True)
     try:
@@ -145,7 +145,7 @@ def add_to(bundle: Path, layout, feeds: dict[str, np.ndarray], traced=None, log=
     plain, cpu = (f"{names.UNET}/{GRAPHS[g]}" for g in (names.MODEL_FILE, names.CPU_MODEL_FILE))
     return {"graphs": {names.UNET_CONTROLNET: graph_spec(bundle / plain, plain)},
             "cpu_graphs": {names.UNET_CONTROLNET: cpu} if (bundle / cpu).is_file() else {},
-            "residuals": [{"name": n, "channels": c, "level": lv} for n, c, lv in layout],
+            "residuals": [dict(r) for r in layout],
             "errors": {f"{names.UNET_CONTROLNET}: {k}": v for k, v in errors.items()}}
 
 

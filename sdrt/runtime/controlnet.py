@@ -142,8 +142,7 @@ class ControlNet:
 def check_fits(m: ControlNetManifest, bundle: Manifest, bundle_name: str) -> None:
     """Refuse ControlNet `m` for a model bundle of another base model (family, text width, residuals), naming both."""
     text = {768: "SD 1.x", 1024: "SD 2.x"}
-    ours = [(r["name"], r["channels"], r["level"]) for r in m.residuals]
-    theirs = [(r["name"], r["channels"], r["level"]) for r in bundle.residuals]
+    ours, theirs = m.residuals, bundle.residuals
     if m.in_channels != bundle.latent_channels:  # a net sees the latents, never an inpainting U-Net's extra channels
         raise InvalidRequest(f"ControlNet {m.name!r} takes {m.in_channels}-channel latents; {bundle_name!r} has "
                              f"{bundle.latent_channels}: use a ControlNet made for its base model")
@@ -154,9 +153,9 @@ def check_fits(m: ControlNetManifest, bundle: Manifest, bundle_name: str) -> Non
         raise InvalidRequest(
             f"ControlNet {m.name!r} was made for a {m.base_family} model with {m.text_width}-wide text "
             f"({text.get(m.text_width, 'an unusual width')}) and {len(ours)} residuals of "
-            f"{sorted({c for _, c, _ in ours})} channels; {bundle_name!r} is a {bundle.family} model with "
+            f"{sorted({r['channels'] for r in ours})} channels; {bundle_name!r} is a {bundle.family} model with "
             f"{bundle.text_hidden_size}-wide text ({text.get(bundle.text_hidden_size, 'an unusual width')}) and "
-            f"{len(theirs)} of {sorted({c for _, c, _ in theirs})}: use a ControlNet trained for that model "
+            f"{len(theirs)} of {sorted({r['channels'] for r in theirs})}: use a ControlNet trained for that model "
             "(a bundle exported before ControlNet: `sdrt controlnet prepare` it first)")
 
 

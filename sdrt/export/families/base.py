@@ -57,8 +57,8 @@ class ExportFamily:
         """Everything of the bundle but its graphs and manifest (configs, tokenizer files, lookup tables)."""
         raise NotImplementedError
 
-    def residual_layout(self, source) -> list[tuple[str, int, int]] | None:
-        """The ControlNet residuals the U-Net takes, (input name, channels, level) down then mid, or None when the
+    def residual_layout(self, source) -> list[dict] | None:
+        """The ControlNet residuals the U-Net takes, {"name", "channels", "level"} down then mid, or None when the
         family has no ControlNet U-Net (export/controlnet_unet.py)."""
         return None
 

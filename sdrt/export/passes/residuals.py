@@ -27,8 +27,8 @@ def skip_concats(model) -> list:
     return [n for n in model.graph.node if n.op_type == "Concat" and _SKIP_CONCAT.search(n.name)]
 
 
-def add_residual_inputs(model, layout: list[tuple[str, int, int]]) -> None:
-    """Edit `model` (the U-Net's ONNX graph) in place. layout: (input name, channels, level) of the down residuals
+def add_residual_inputs(model, layout: list[dict]) -> None:
+    """Edit `model` (the U-Net's ONNX graph) in place. layout: {"name", "channels", "level"} of the down residuals
     0..N-1, then of the mid residual; level L: the latent size halved L times (export/controlnet_unet.py).
     Raises ValueError when the graph's skips do not match the layout (a U-Net traced some other way)."""
     from onnx import TensorProto, helper
@@ -40,17 +40,17 @@ def add_residual_inputs(model, layout: list[tuple[str, int, int]]) -> None:
     if len(set(skips)) != len(skips):
         raise ValueError("two skip connections read the same tensor")
     taken = {i.name for i in model.graph.input} | {o for n in model.graph.node for o in n.output}
-    if any(name in taken for name, _, _ in layout):
+    if any(r["name"] in taken for r in layout):
         raise ValueError("the graph already has residual inputs")
     batch = model.graph.input[0].type.tensor_type.shape.dim[0]  # the sample's batch dim (named or fixed)
     batch_dim = batch.dim_param or batch.dim_value or "batch"
     edits = []  # (concat node, its input index, residual input name)
-    for i, (name, _, _) in enumerate(down):
-        edits.append((concats[len(down) - 1 - i], 1, name))
-    edits.append((concats[0], 0, layout[-1][0]))
-    for name, channels, level in layout:
-        model.graph.input.append(helper.make_tensor_value_info(
-            name, TensorProto.FLOAT, [batch_dim, channels, f"residual_height_{level}", f"residual_width_{level}"]))
+    for i, r in enumerate(down):
+        edits.append((concats[len(down) - 1 - i], 1, r["name"]))
+    edits.append((concats[0], 0, layout[-1]["name"]))
+    for r in layout:
+        model.graph.input.append(helper.make_tensor_value_info(r["name"], TensorProto.FLOAT, [
+            batch_dim, r["channels"], f"residual_height_{r['level']}", f"residual_width_{r['level']}"]))
     nodes = list(model.graph.node)
     position = {id(n): k for k, n in enumerate(nodes)}
     inserts: dict[int, list] = {}
