@@ -82,6 +82,7 @@ MID_RESIDUAL = "mid_block_additional_residual"
 # controlnet_cond (B, 3, H, W) RGB in [0, 1] -> the residuals, by the names the U-Net variant takes them.
 CONTROLNET = "controlnet"
 CONTROLNET_COND = "controlnet_cond"
+UNET_SHAPED = (UNET, CONTROLNET)  # traced again for their CPU graphs (fused attention, sdrt's group norms)
 
 
 def down_residual(i: int) -> str:

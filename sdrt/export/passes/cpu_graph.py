@@ -183,7 +183,7 @@ def _share_weights(model, plain: dict) -> None:
 def fused_attention(model, ctx: PassContext):
     """The pass: the U-Net traced again with each attention one operator (other components pass through).
     `model` is replaced: the new trace is the rewrite; its weights are copies until `shared_weights`."""
-    if ctx.component not in (names.UNET, names.CONTROLNET):  # the models with attention
+    if ctx.component not in names.UNET_SHAPED:  # the models with attention
         return model
     t = ctx.traced
     with tempfile.TemporaryDirectory(dir=ctx.plain_graph.parent.parent) as scratch:

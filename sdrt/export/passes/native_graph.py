@@ -110,7 +110,7 @@ def fuse_group_norms(model) -> int:
 def group_norms(model, ctx):
     """The pass (a PassContext): `fuse_group_norms` in a U-Net that ONNX Runtime runs on one thread per call,
     where sdrt's single-threaded kernel pays (OrtEngine's own test of a small model); others pass through."""
-    if ctx.component in (names.UNET, names.CONTROLNET) and weight_bytes(ctx.plain_graph) <= OrtEngine.SPLIT_MAX_WEIGHT_BYTES:
+    if ctx.component in names.UNET_SHAPED and weight_bytes(ctx.plain_graph) <= OrtEngine.SPLIT_MAX_WEIGHT_BYTES:
         ctx.counts["group norms"] = fuse_group_norms(model)
     return model
 
