@@ -251,6 +251,13 @@ class FineTune:
         noise, t = torch.randn(z.shape, generator=gen), torch.randint(0, 1000, (b,), generator=gen)
         return idx, self.sched.add_noise(z, noise, t), noise, t, cond
 
+    def finish(self, path: Path, threads: int, started: float) -> None:
+        """The run's summary (recipe, threads, wall time, last losses) into `path`, and on stdout."""
+        summary = {"recipe": self.r, "threads": threads, "wall_s": round(time.perf_counter() - started),
+                   "loss": self.log.last}
+        path.write_text(json.dumps(summary, indent=2) + "\n")
+        print("done", json.dumps(summary), flush=True)
+
     def step(self, step: int, eps, noise, t) -> None:
         mse = (eps - noise).pow(2).mean(dim=(1, 2, 3))
         loss = (mse * self.weights[t]).mean()

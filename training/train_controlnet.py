@@ -13,7 +13,6 @@ net learns to read the image alone. Used for the README's ControlNet example; no
 from __future__ import annotations
 
 import argparse
-import json
 import shutil
 import sys
 import time
@@ -72,10 +71,7 @@ def main(argv=None) -> None:
     if args.out.exists():
         shutil.rmtree(args.out)
     net.eval().save_pretrained(args.out, safe_serialization=True)
-    summary = {"recipe": r, "threads": args.threads, "wall_s": round(time.perf_counter() - started),
-               "loss": tune.log.last}
-    (args.out / "training_controlnet.json").write_text(json.dumps(summary, indent=2) + "\n")
-    print("done", json.dumps(summary), flush=True)
+    tune.finish(args.out / "training_controlnet.json", args.threads, started)
 
 
 if __name__ == "__main__":

@@ -88,10 +88,7 @@ def main(argv=None) -> None:
     index = json.loads((args.out / "model_index.json").read_text())
     index["_class_name"] = "StableDiffusionDepth2ImgPipeline"
     (args.out / "model_index.json").write_text(json.dumps(index, indent=2) + "\n")
-    summary = {"recipe": r, "threads": args.threads, "wall_s": round(time.perf_counter() - started),
-               "loss": tune.log.last}
-    (args.out / "training_depth.json").write_text(json.dumps(summary, indent=2) + "\n")
-    print("done", json.dumps(summary), flush=True)
+    tune.finish(args.out / "training_depth.json", args.threads, started)
 
 
 if __name__ == "__main__":
