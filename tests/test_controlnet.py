@@ -255,6 +255,11 @@ def test_bundles_of_the_wrong_kind_and_corrupt_ones_are_refused(cn, bundles, tmp
         f.write(b"\x00\x01\x02\x03")
     with pytest.raises(BundleCorrupt, match="does not match its sha256"):
         sdrt.ControlNet.load(broken)
+    manifest = json.loads((broken / "sdrt.json").read_text())
+    manifest["graphs"] = {}
+    (broken / "sdrt.json").write_text(json.dumps(manifest))
+    with pytest.raises(BundleCorrupt, match="lists no graph for controlnet"):
+        sdrt.ControlNet.load(broken)
 
 
 def test_a1111_control_modes_scale_softly_and_give_the_negative_rows_no_control(cn, pipes):

@@ -20,7 +20,7 @@ import numpy as np
 
 from ..errors import BundleCorrupt, BundleNotFound, InvalidRequest, UnsupportedBundleVersion
 from . import names
-from .manifest import CONTROLNET_FORMAT, GraphSpec, Manifest, check_inside, verify_files
+from .manifest import CONTROLNET_FORMAT, GraphSpec, Manifest, check_listing, verify_files
 
 FORMAT_VERSION = 1
 REEXPORT = "re-export it with `sdrt export CONTROLNET_SRC --out CN_BUNDLE`"
@@ -86,7 +86,7 @@ def load_controlnet_manifest(path: Path) -> ControlNetManifest:
         manifest = ControlNetManifest.from_json(raw)
     except (KeyError, TypeError, ValueError) as e:
         raise BundleCorrupt(f"{str(file)!r} is missing or has a malformed field ({e!r}); {REEXPORT}") from None
-    check_inside(file, manifest)
+    check_listing(file, manifest)  # (a manifest without its graph was an internal error at load)
     verify_files(path, manifest)  # the model bundle's checks, on the same fields
     return manifest
 

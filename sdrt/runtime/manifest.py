@@ -169,20 +169,21 @@ def _parse(path: Path) -> Manifest:
         manifest = Manifest.from_json(raw)
     except (KeyError, TypeError, ValueError) as e:
         raise BundleCorrupt(f"{str(path)!r} is missing or has a malformed field ({e!r}); {REEXPORT}") from None
-    check_inside(path, manifest)
-    missing = [c for c in manifest.required_components if c not in manifest.graphs]
-    if missing:
-        raise BundleCorrupt(f"{str(path)!r} lists no graph for {', '.join(missing)}; {REEXPORT}")
+    check_listing(path, manifest)
     return manifest
 
 
-def check_inside(path: Path, manifest) -> None:
-    """Every file the manifest at `path` names lies inside its bundle (no absolute path, no `..`). manifest: a
-    Manifest, or a ControlNet bundle's (runtime/controlnet.py: files, graph_files, token_embeddings None)."""
+def check_listing(path: Path, manifest) -> None:
+    """Every file the manifest at `path` names lies inside its bundle (no absolute path, no `..`), and it lists a
+    graph for each required component. manifest: a Manifest, or a ControlNet bundle's (runtime/controlnet.py:
+    files, graph_files, required_components, token_embeddings None)."""
     extra = [manifest.token_embeddings] if manifest.token_embeddings else []
     for rel in [*manifest.files, *(rel for _, rel in manifest.graph_files), *extra]:
         if Path(rel).is_absolute() or ".." in Path(rel).parts:
             raise BundleCorrupt(f"{str(path)!r} names the file {rel!r}, outside the bundle; refusing it. {REEXPORT}")
+    missing = [c for c in manifest.required_components if c not in manifest.graphs]
+    if missing:
+        raise BundleCorrupt(f"{str(path)!r} lists no graph for {', '.join(missing)}; {REEXPORT}")
 
 
 def verify_files(bundle: Path, manifest: Manifest) -> None:
