@@ -123,9 +123,11 @@ class Pipeline(ImageModes):
         rows [uncond; cond] with guidance (SD: encoder_hidden_states (2B, 77·k, D)), passed through unread.
         extra: (B, C', h, w) channels the U-Net takes after the latents (inpainting models: mask and
         masked-image latents; depth2img: depth). blend(x, i): what to keep after step i (inpainting with an
-        ordinary model puts the known region back)."""
-        sampler, guidance, noise = job.solver, job.guidance, job.noise
-        cfg = guidance > 1.0  # diffusers' convention: scales <= 1 run the conditional branch alone
+        ordinary model puts the known region back). job.stop(): checked after each step; True returns the
+        latents as they are then (an interrupted request decodes them, as AUTOMATIC1111 does)."""
+        sampler, noise = job.solver, job.noise
+        cfg = job.guidance > 1.0  # diffusers' convention: scales <= 1 run the conditional branch alone
+        guidance = np.float32(job.guidance) if job.row_guidance is None else job.row_guidance  # () or (B, 1, 1, 1)
         (unet, strength), total = self._unet(job), len(sampler.timesteps)
         scalar_t = len(unet.inputs[names.TIMESTEP].shape) == 0  # optimum's graphs take one scalar timestep
         for i in range(start, total):
@@ -142,12 +144,14 @@ class Pipeline(ImageModes):
             eps = _finite(np.asarray(eps, np.float32), "U-Net", step=i)  # no copy when already fp32
             if cfg:
                 eps_uncond, eps_cond = eps[: len(x)], eps[len(x):]  # views: np.split costs 4x more per step
-                eps = eps_uncond + np.float32(guidance) * (eps_cond - eps_uncond)
+                eps = eps_uncond + guidance * (eps_cond - eps_uncond)
             x = sampler.step(eps, i, x, noise)
             if blend is not None:
                 x = blend(x, i)
             if progress:
                 progress(i + 1 - start, total - start)
+            if job.stop is not None and job.stop():
+                break
         return x
 
     def _unet(self, job: "_Job") -> tuple[Engine, dict[str, np.ndarray]]:
@@ -218,7 +222,8 @@ class Pipeline(ImageModes):
         (A1111's numbering), emphasis=True (A1111's (word:1.3) syntax), truncate=False (diffusers' 77-token
         cut instead of 75-token chunks), loras=[(file, weight)] (added to <lora:name:w> tags),
         hypernetwork="name" / "name:0.8" / ("name", 0.8) (one of the bundle's, as a <hypernet:name:0.8> tag does),
-        watermark=None (the reference scripts' invisible watermark when its extra is installed).
+        watermark=None (the reference scripts' invisible watermark when its extra is installed), stop=None (a
+        function asked after each step; True ends denoising there and the images are decoded as they are).
 
         controls=[sdrt.Control(sdrt.ControlNet.load(CN_BUNDLE), image, weight=1.0, start=0.0, end=1.0)] (several
         sum their residuals; without height/width txt2img takes the first control image's size), guess_mode=False
@@ -243,7 +248,7 @@ class Pipeline(ImageModes):
 
     def _job(self, prompt, negative_prompt="", steps=20, guidance=7.5, seed=None, sampler="euler", height=None,
              width=None, batch=1, eta=None, clip_skip=1, emphasis=True, truncate=False, loras=None,
-             watermark=None, hypernetwork=None, controls=None, guess_mode=False) -> "_Job":
+             watermark=None, hypernetwork=None, controls=None, guess_mode=False, stop=None) -> "_Job":
         """Check the options every mode shares, apply the request's LoRAs, draw a seed when none is given."""
         prompt = request.check_prompt(prompt)
         prompt = hypernetworks.add_option(prompt, hypernetwork)  # as its tag: the PNG records it
@@ -267,7 +272,7 @@ class Pipeline(ImageModes):
             watermark=_watermark.available() if watermark is None else watermark,
             height=height, width=width, batch=batch,
             latent_shape=(batch, m.latent_channels, height // m.vae_scale_factor, width // m.vae_scale_factor),
-            noise=request.BatchNoise([seed + i for i in range(batch)]))
+            noise=request.BatchNoise([seed + i for i in range(batch)]), stop=_check_stop(stop))
         self.set_loras(self._request_loras(job.prompt, loras))
         controls = self._check_controls(_controls.check_controls(controls, guess_mode), job)
         guide = _controls.Guide.make(controls, guess_mode, width, height, batch, job.guidance > 1.0, self._depth_map)
@@ -349,6 +354,8 @@ class _Job:
     noise: request.BatchNoise
     hypernetwork: hypernetworks.Choice | None = None
     guide: _controls.Guide | None = None  # the request's ControlNets
+    row_guidance: np.ndarray | None = None  # (B, 1, 1, 1): requests batched together keep their own scales
+    stop: Callable[[], bool] | None = None  # asked after each step: True ends the loop there (an interrupt)
 
 
 def _lora_item(item) -> Lora:
@@ -357,6 +364,12 @@ def _lora_item(item) -> Lora:
     if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not np.isfinite(weight):
         raise InvalidRequest(f"LoRA {str(path)!r} has weight {weight!r}; give a finite number such as 0.8")
     return Lora(Path(path).expanduser(), float(weight))
+
+
+def _check_stop(stop):
+    if stop is not None and not callable(stop):
+        raise InvalidRequest(f"stop must be a function taking no arguments (asked after each step), got {stop!r}")
+    return stop
 
 
 def _finite(x: np.ndarray, stage: str, step: int | None = None) -> np.ndarray:
