@@ -108,3 +108,34 @@ class DeviceError(EngineError):
 
 class DeviceOutOfMemory(DeviceError):
     """The GPU has too little free memory; the message gives free and total and what to reduce."""
+
+
+# -- the server (sdrt serve) -----------------------------------------------------------------------------------
+class ServiceError(SdrtError):
+    """A request the server refuses for a reason of its own; `status` is the HTTP status it answers with."""
+
+    status = 400
+
+
+class NotFound(ServiceError):
+    status = 404  # an unknown job id, or img2img without an init image (A1111's 404)
+
+
+class ModelNotServed(ServiceError):
+    status = 400
+
+
+class QueueFull(ServiceError):
+    status = 503
+
+    def __init__(self, message: str, retry_after: int):
+        super().__init__(message)
+        self.retry_after = retry_after
+
+
+class JobCancelled(ServiceError):
+    status = 409  # cancelled by DELETE, a disconnect, or the server draining
+
+
+class JobTimedOut(ServiceError):
+    status = 504

@@ -17,6 +17,10 @@ from ..errors import InvalidRequest
 from . import request
 
 
+class NotBatchable(InvalidRequest):
+    """The requests differ in something their rows can't share; each runs alone instead."""
+
+
 @dataclass
 class Member:
     """One request of a batch: txt2img's prompt and options (not `latents`, `controls` or `stop`), and its
@@ -37,22 +41,22 @@ def shared_key(job) -> tuple:
 
 def txt2img_batch(pipe, members: list[Member]) -> list[list]:
     """Each member's images, as `pipe.txt2img(m.prompt, **m.options)` makes them. The loop stops early only when
-    every member's stop() says so. Raises InvalidRequest when the members can't share a loop."""
+    every member's stop() says so. Raises NotBatchable when the members can't share a loop."""
     if not members:
         return []
     for m in members:
         if {"latents", "controls", "stop", "progress"} & set(m.options):
             raise InvalidRequest("batched txt2img takes no latents, controls, stop or progress options")
     if len({_lora_set(pipe, m) for m in members}) > 1:
-        raise InvalidRequest("these requests ask for different LoRAs: run them one by one")
+        raise NotBatchable("these requests ask for different LoRAs: run them one by one")
     jobs = [pipe._job(m.prompt, **m.options) for m in members]  # each sets the same LoRAs
     pipe._require_unet(pipe.manifest.latent_channels, "text-to-image")
     if len({shared_key(j) for j in jobs}) > 1:
-        raise InvalidRequest("these requests differ in size, steps, sampler, guidance on/off, hypernetwork or "
+        raise NotBatchable("these requests differ in size, steps, sampler, guidance on/off, hypernetwork or "
                              "text options: run them one by one")
     conds = [pipe._conditioning(j) for j in jobs]
     if len({tuple((k, v.shape[1:]) for k, v in sorted(c.items())) for c in conds}) > 1:
-        raise InvalidRequest("these prompts encode to different numbers of 77-token chunks: run them one by one")
+        raise NotBatchable("these prompts encode to different numbers of 77-token chunks: run them one by one")
     job = _joined(jobs, members)
     x = job.noise.standard_normal(job.latent_shape) * np.float32(job.solver.init_noise_sigma)  # (ΣB, 4, h, w)
     x = pipe._denoise(x, _stacked(conds, jobs), job, progress=_fan_out(members))

@@ -149,10 +149,20 @@ def parse_tags(prompt: str) -> tuple[str, list[tuple[str, float]]]:
 
 
 def resolve(name: str, folders: list[Path]) -> Path:
-    """A tag's name -> NAME.safetensors in the first LoRA folder that has it."""
+    """A tag's name -> NAME.safetensors in the first LoRA folder that has it. The name is looked up among the
+    folders' files, never joined into a path: a prompt (a server's client) can't reach outside them."""
     for folder in folders:
-        path = Path(folder) / f"{name}.safetensors"
-        if path.is_file():
+        path = listing(folder).get(name)
+        if path is not None:
             return path
     where = ", ".join(str(f) for f in folders) or "no folder (pass --lora-dir)"
     raise InvalidRequest(f"LoRA {name!r} from the prompt was not found as {name}.safetensors in {where}")
+
+
+def listing(folder: Path) -> dict[str, Path]:
+    """The LoRA files of a folder by tag name (the file name without .safetensors)."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        return {}
+    return {p.name[: -len(".safetensors")]: p for p in sorted(folder.iterdir())
+            if p.name.endswith(".safetensors") and p.is_file()}

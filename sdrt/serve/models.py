@@ -1,0 +1,85 @@
+"""The bundles a server serves, by name. Clients name a model by A1111's title ("name [hash]"), its model_name or
+its hash; the name is looked up among the served bundles and never opened as a path."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from ..errors import ModelNotServed
+from ..runtime import lora as _lora
+from ..runtime.manifest import load_manifest
+from ..runtime.pipeline import Pipeline
+
+EMBEDDED_NAME = "sdrt-embedded"
+
+
+@dataclass(frozen=True)
+class Served:
+    name: str
+    path: Path | None  # None: the embedded demo model
+    hash: str  # A1111's short hash (10 hex digits)
+    sha256: str
+    width: int  # the bundle's default size
+    height: int
+
+    @property
+    def title(self) -> str:
+        return f"{self.name} [{self.hash}]"
+
+
+@dataclass(frozen=True)
+class LoadOptions:
+    backend: str = "auto"
+    engines: Path = Path("engines")
+    threads: int | None = None
+    lora_dirs: tuple[Path, ...] = ()
+    embeddings: tuple[Path, ...] = ()
+
+
+class ModelSet:
+    """The served bundles' identities (cheap: manifests only); `open_all` loads one Pipeline of each."""
+
+    def __init__(self, bundles: list[Path], options: LoadOptions = LoadOptions()):
+        from .. import embedded
+
+        self.options = options
+        self.models: list[Served] = []
+        for path in bundles or [None]:
+            manifest = load_manifest(Path(embedded.BUNDLE if path is None else path), verify_hashes=False)
+            name = EMBEDDED_NAME if path is None else Path(path).resolve().name
+            if any(m.name == name for m in self.models):
+                raise ModelNotServed(f"two served bundles are both named {name!r}; give each folder its own name")
+            full = manifest.source_hash or ""
+            self.models.append(Served(name, None if path is None else Path(path), manifest.model_hash, full,
+                                      manifest.default_width, manifest.default_height))
+        self.default = self.models[0]
+
+    def find(self, wanted: str | None) -> Served:
+        """A title, model_name, title without the hash, or hash -> the served model."""
+        if wanted is None or wanted == "":
+            return self.default
+        key = str(wanted).strip()
+        for m in self.models:
+            if key in (m.title, m.name, m.hash, m.sha256) or key.split(" [")[0] == m.name:
+                return m
+        served = ", ".join(m.title for m in self.models)
+        raise ModelNotServed(f"model {str(wanted)[:200]!r} is not served here; served: {served} (sdrt serve "
+                             "--model BUNDLE adds one)")
+
+    def open_all(self) -> dict[str, Pipeline]:
+        o = self.options
+        pipes = {}
+        for m in self.models:
+            pipe = Pipeline.load(m.path, backend=o.backend, threads=o.threads, engines=o.engines)
+            pipe.lora_dirs = list(o.lora_dirs)
+            for emb in o.embeddings:
+                pipe.load_embedding(emb)
+            pipes[m.name] = pipe
+        return pipes
+
+    def loras(self) -> list[dict]:
+        seen = {}
+        for folder in self.options.lora_dirs:
+            for name, path in _lora.listing(folder).items():
+                seen.setdefault(name, {"name": name, "alias": name, "path": path.name, "metadata": {}})
+        return list(seen.values())

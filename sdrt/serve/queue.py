@@ -1,0 +1,208 @@
+"""The service: a bounded FIFO of jobs and the workers that run them. A worker takes the oldest waiting part and,
+when batching is on, every waiting part that can share its U-Net calls (same batch key), up to `max_batch`
+images, waiting up to `batch_window_s` for more to arrive. A batch that fails is run again one job at a time, so
+a failing job (NaN, an engine error) fails alone."""
+from __future__ import annotations
+
+import threading
+import time
+from dataclasses import dataclass
+
+from ..errors import JobCancelled, NotFound, QueueFull
+from ..runtime.batch import Member, NotBatchable, txt2img_batch
+from .jobs import FINAL, QUEUED, RUNNING, Job, Work
+from .models import ModelSet
+
+
+@dataclass(frozen=True)
+class Settings:
+    queue: int = 64  # jobs waiting (not yet started); one more is a 503
+    batch_window_s: float = 0.05
+    max_batch: int = 8  # images per batched run; 1 turns batching off
+    workers: int = 1  # each holds its own copy of every served pipeline
+    job_timeout_s: float | None = 600.0
+    keep_finished: int = 1000  # finished jobs whose status GET /sdrt/v1/jobs/{id} still answers
+
+
+class Service:
+    def __init__(self, models: ModelSet, settings: Settings = Settings()):
+        self.models, self.settings = models, settings
+        self.current = models.default  # A1111's sd_model_checkpoint
+        self.options: dict = {}  # what clients POST to /options besides the checkpoint, echoed back
+        self._cond = threading.Condition()
+        self._waiting: list[Job] = []  # jobs with parts no worker has taken, oldest first
+        self._jobs: dict[str, Job] = {}
+        self._workers: list[threading.Thread] = []
+        self._pipes: list[dict] = []  # each worker's pipelines by model name
+        self.closing = False
+
+    # -- life cycle --------------------------------------------------------------------------------------------
+    def start(self) -> "Service":
+        for n in range(self.settings.workers):
+            pipes = self.models.open_all()
+            self._pipes.append(pipes)
+            worker = threading.Thread(target=self._work, args=(pipes,), name=f"sdrt-worker-{n}", daemon=True)
+            worker.start()
+            self._workers.append(worker)
+        return self
+
+    def close(self, drain_s: float = 30.0) -> None:
+        """Stop taking jobs, cancel the waiting ones, let running ones finish for up to drain_s, cancel the rest."""
+        with self._cond:
+            self.closing = True
+            waiting, self._waiting = self._waiting, []
+            self._cond.notify_all()
+        for job in waiting:
+            job.finish(JobCancelled(f"job {job.id} was cancelled: the server is shutting down"))
+        deadline = time.time() + drain_s
+        for job in self.running():
+            if not job.wait(max(deadline - time.time(), 0)):
+                job.finish(JobCancelled(f"job {job.id} was cancelled: the server shut down before it finished"))
+        for worker in self._workers:
+            worker.join(timeout=max(deadline - time.time(), 0) + 5)
+
+    # -- jobs --------------------------------------------------------------------------------------------------
+    def submit(self, work: Work, job_id: str | None = None) -> Job:
+        with self._cond:
+            if self.closing:
+                raise QueueFull("the server is shutting down and takes no new jobs", retry_after=30)
+            queued = sum(1 for j in self._waiting if j.state == QUEUED)
+            if queued >= self.settings.queue:
+                raise QueueFull(f"the queue is full ({queued} jobs waiting; sdrt serve --queue N); retry later",
+                                retry_after=self._retry_after())
+            if job_id is not None and job_id in self._jobs and not self._jobs[job_id].is_final:
+                raise QueueFull(f"a job with id {job_id!r} is still running; use another force_task_id", 1)
+            job = Job(work, job_id, self.settings.job_timeout_s)
+            self._remember(job)
+            self._waiting.append(job)
+            self._cond.notify_all()
+        return job
+
+    def get(self, job_id: str) -> Job:
+        job = self._jobs.get(job_id)
+        if job is None:
+            raise NotFound(f"no job with id {job_id[:100]!r} (finished jobs are kept for the last "
+                           f"{self.settings.keep_finished})")
+        return job
+
+    def cancel(self, job: Job, reason: str = "cancelled by the client") -> None:
+        with self._cond:
+            if job in self._waiting:
+                self._waiting.remove(job)
+        job.finish(JobCancelled(f"job {job.id} was {reason}"))
+
+    def find(self, job_id: str) -> Job | None:
+        return self._jobs.get(job_id)
+
+    def embedding_names(self) -> list[str]:
+        pipe = self._pipes[0][self.current.name] if self._pipes else None
+        return sorted(pipe.text.embeddings) if pipe is not None else []
+
+    def hypernetwork_names(self) -> list[str]:
+        pipe = self._pipes[0][self.current.name] if self._pipes else None
+        return sorted(pipe.manifest.hypernetworks) if pipe is not None else []
+
+    def running(self) -> list[Job]:
+        return [j for j in list(self._jobs.values()) if j.state == RUNNING]
+
+    def position(self, job: Job) -> int | None:
+        with self._cond:
+            queued = [j for j in self._waiting if j.state == QUEUED]
+        return queued.index(job) if job in queued else None
+
+    def counts(self) -> dict:
+        states = [j.state for j in list(self._jobs.values())]
+        return {"queued": states.count(QUEUED), "running": states.count(RUNNING)}
+
+    def _remember(self, job: Job) -> None:
+        self._jobs[job.id] = job
+        if len(self._jobs) > self.settings.keep_finished:
+            for old in [k for k, j in self._jobs.items() if j.is_final][: len(self._jobs) - self.settings.keep_finished]:
+                del self._jobs[old]
+
+    def _retry_after(self) -> int:
+        done = [j for j in self._jobs.values() if j.state in FINAL and j.started and j.finished]
+        per_job = sum(j.finished - j.started for j in done[-20:]) / max(len(done[-20:]), 1)
+        return max(1, round(per_job * max(len(self._waiting), 1) / max(self.settings.workers, 1)))
+
+    # -- workers -----------------------------------------------------------------------------------------------
+    def _take(self) -> list[tuple[Job, int]] | None:
+        """The oldest waiting part and the parts that can share its run; None when the service closes."""
+        with self._cond:
+            while True:
+                self._waiting = [j for j in self._waiting if not j.is_final]
+                if self._waiting or self.closing:
+                    break
+                self._cond.wait()
+            if not self._waiting:
+                return None
+            first = self._waiting[0]
+            batch, images = [self._claim(first)], first.work.batch_size
+            key, s = first.work.batch_key, self.settings
+            if key is None or s.max_batch <= 1:
+                return batch
+            deadline = time.time() + s.batch_window_s
+            while images < s.max_batch:
+                for job in list(self._waiting):
+                    if job.work.batch_key == key and not job.is_final and images + job.work.batch_size <= s.max_batch:
+                        batch.append(self._claim(job))
+                        images += job.work.batch_size
+                left = deadline - time.time()
+                if left <= 0 or images >= s.max_batch or self.closing:
+                    break
+                self._cond.wait(left)
+            return batch
+
+    def _claim(self, job: Job) -> tuple[Job, int]:
+        part = job.next_part
+        job.next_part += 1
+        if job.next_part >= job.work.n_iter:
+            self._waiting.remove(job)
+        return job, part
+
+    def _work(self, pipes: dict) -> None:
+        while True:
+            batch = self._take()
+            if batch is None:
+                return
+            for job, part in batch:
+                job.start_part(part)
+            if len(batch) > 1:
+                try:
+                    self._run_together(pipes[batch[0][0].work.model], batch)
+                    continue
+                except Exception:  # NotBatchable, or one job's failure: each runs alone and fails alone
+                    pass
+            for job, part in batch:
+                self._run_alone(pipes[job.work.model], job, part)
+
+    def _run_together(self, pipe, batch) -> None:
+        members = [Member(job.work.prompt, {**job.work.options, "seed": job.seeds_of(part)[0],
+                                            "batch": job.work.batch_size},
+                          progress=job.progress, stop=lambda job=job, part=part: job.should_stop(part))
+                   for job, part in batch]
+        results = txt2img_batch(pipe, members)
+        for (job, part), images in zip(batch, results):
+            job.part_done(part, images)
+
+    def _run_alone(self, pipe, job: Job, part: int) -> None:
+        if job.is_final:
+            return
+        w = job.work
+        options = {**w.options, "seed": job.seeds_of(part)[0], "batch": w.batch_size, "progress": job.progress,
+                   "stop": lambda: job.should_stop(part)}
+        try:
+            if w.mode == "txt2img":
+                images = pipe.txt2img(w.prompt, **options)
+            elif w.mode == "img2img":
+                images = pipe.img2img(w.mode_args["image"], w.prompt, **w.mode_args["args"], **options)
+            else:
+                images = pipe.inpaint(w.mode_args["image"], w.mode_args["mask"], w.prompt, **w.mode_args["args"],
+                                      **options)
+        except Exception as e:  # this job fails; the worker and the server go on
+            job.finish(error=e)
+            return
+        job.part_done(part, images)
+
+
+__all__ = ["Service", "Settings", "NotBatchable"]
