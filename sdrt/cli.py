@@ -10,7 +10,7 @@ from typing import Optional
 
 import typer
 
-from . import cli_adapters
+from . import cli_adapters, cli_serve  # noqa: F401  (cli_serve registers `sdrt serve`)
 from .cli_base import UsageError, _export_api, _fail, app, handle_errors
 from .progress import StepBar
 

@@ -69,8 +69,9 @@ def decode_image(text: str, what: str) -> Image.Image:
         image = Image.open(io.BytesIO(raw))
         image.load()
     except (UnidentifiedImageError, OSError, Image.DecompressionBombError) as e:
+        reason = "no image format recognised" if isinstance(e, UnidentifiedImageError) else str(e)
         raise InvalidRequest(f"{what} decodes from base64 to {len(raw)} bytes that are not a readable image "
-                             f"({e}); send a PNG, JPEG or WebP") from None
+                             f"({reason}); send a PNG, JPEG or WebP") from None
     return image
 
 

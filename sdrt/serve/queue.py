@@ -46,14 +46,18 @@ class Service:
             self._workers.append(worker)
         return self
 
-    def close(self, drain_s: float = 30.0) -> None:
-        """Stop taking jobs, cancel the waiting ones, let running ones finish for up to drain_s, cancel the rest."""
+    def drain(self) -> None:
+        """Stop taking jobs and cancel the waiting ones; running ones go on (SIGTERM's first step)."""
         with self._cond:
             self.closing = True
             waiting, self._waiting = self._waiting, []
             self._cond.notify_all()
         for job in waiting:
-            job.finish(JobCancelled(f"job {job.id} was cancelled: the server is shutting down"))
+            job.finish(JobCancelled(f"job {job.id} was cancelled before it started: the server is shutting down"))
+
+    def close(self, drain_s: float = 30.0) -> None:
+        """drain(), let running jobs finish for up to drain_s, cancel the rest, stop the workers."""
+        self.drain()
         deadline = time.time() + drain_s
         for job in self.running():
             if not job.wait(max(deadline - time.time(), 0)):
