@@ -34,6 +34,7 @@ class Service:
         self._jobs: dict[str, Job] = {}
         self._workers: list[threading.Thread] = []
         self._pipes: list[dict] = []  # each worker's pipelines by model name
+        self.stats = {"runs": 0, "batched_runs": 0, "batched_jobs": 0, "fallbacks": 0}  # what batching did
         self.closing = False
 
     # -- life cycle --------------------------------------------------------------------------------------------
@@ -171,12 +172,15 @@ class Service:
                 return
             for job, part in batch:
                 job.start_part(part)
+            self.stats["runs"] += 1
             if len(batch) > 1:
                 try:
                     self._run_together(pipes[batch[0][0].work.model], batch)
+                    self.stats["batched_runs"] += 1
+                    self.stats["batched_jobs"] += len(batch)
                     continue
                 except Exception:  # NotBatchable, or one job's failure: each runs alone and fails alone
-                    pass
+                    self.stats["fallbacks"] += 1
             for job, part in batch:
                 self._run_alone(pipes[job.work.model], job, part)
 
