@@ -2,6 +2,7 @@
 clients get a 409), running jobs finish within the drain timeout (then are cancelled), and the process exits."""
 from __future__ import annotations
 
+import contextlib
 import sys
 
 from .app import Access, create_app
@@ -19,6 +20,14 @@ def serve_forever(models: ModelSet, settings: Settings, access: Access, host: st
         def handle_exit(self, sig, frame):  # the signal: stop taking jobs first, then uvicorn's graceful exit
             service.drain()
             super().handle_exit(sig, frame)
+
+        @contextlib.contextmanager
+        def capture_signals(self):  # uvicorn re-raises the signal once it has stopped: a drained exit is a clean one
+            with super().capture_signals():
+                try:
+                    yield
+                finally:
+                    self._captured_signals.clear()
 
     server = Server(uvicorn.Config(create_app(service, access), host=host, port=port, log_level="warning",
                                    timeout_graceful_shutdown=max(int(drain_s), 1)))
