@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
+import socket
 import secrets
 import time
 from dataclasses import dataclass
@@ -19,6 +21,7 @@ from .jobs import Job, status_of
 from .queue import Service
 
 POLL_S = 0.1  # how often a waiting request checks its client is still there
+_REPLICA = f"{socket.gethostname()}:{os.getpid()}".encode()  # which process answered (Ray Serve has several)
 
 
 @dataclass(frozen=True)
@@ -126,7 +129,8 @@ class _Limits:
         async def timed(message):
             if message["type"] == "http.response.start":
                 message["headers"] = [*message.get("headers", []),
-                                      (b"x-process-time", f"{time.perf_counter() - started:.4f}".encode())]
+                                      (b"x-process-time", f"{time.perf_counter() - started:.4f}".encode()),
+                                      (b"x-sdrt-replica", _REPLICA)]
             await send(message)
         await self.app(scope, counted, timed)
 
