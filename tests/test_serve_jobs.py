@@ -49,8 +49,10 @@ def test_queue_full_status_position_events_and_cancel():
         url = s.base + "/sdapi/v1/txt2img"
         first = Call(url, {**SLOW, "force_task_id": "first"})
         running(s, "first", step=2)
-        waiting = [Call(url, {**SLOW, "steps": 5, "force_task_id": f"w{i}"}) for i in range(2)]
-        wait_until(lambda: s.service.counts()["queued"] == 2, what="two jobs queued")
+        waiting = []
+        for i in range(2):  # one after the other: their queue positions are then known
+            waiting.append(Call(url, {**SLOW, "steps": 5, "force_task_id": f"w{i}"}))
+            wait_until(lambda: s.service.counts()["queued"] == i + 1, what=f"{i + 1} jobs queued")
         assert [job(s, f"w{i}")["queue_position"] for i in range(2)] == [0, 1]
         full = requests.post(url, json=SLOW, timeout=10)
         assert full.status_code == 503 and int(full.headers["retry-after"]) >= 1

@@ -16,15 +16,21 @@ pytest.importorskip("ray.serve")
 
 
 @pytest.fixture(scope="module")
-def cluster():
+def cluster(tmp_path_factory):
+    import shutil
+
+    from sdrt import embedded
     from sdrt.serve import ModelSet, Settings
     from sdrt.serve import ray_serve
     from sdrt.serve.app import Access
 
+    second = tmp_path_factory.mktemp("served") / "second"  # the embedded bundle under another name
+    shutil.copytree(embedded.BUNDLE, second)
     ray.init(num_cpus=2, num_gpus=0, include_dashboard=False, log_to_driver=False)
     port = free_port()
     try:
-        ray_serve.start(ModelSet([]), Settings(batch_window_s=0.01), Access(), "127.0.0.1", port, replicas=2)
+        ray_serve.start(ModelSet([None, second]), Settings(batch_window_s=0.01), Access(), "127.0.0.1", port,
+                        replicas=2)
         yield f"http://127.0.0.1:{port}"
     finally:
         ray_serve.stop()
@@ -46,6 +52,56 @@ def test_two_replicas_serve_the_same_images(cluster):
     assert len({r.json()["images"][0] for r in answers}) == 1  # and made the same image
     bad = requests.post(cluster + "/sdapi/v1/txt2img", json={"width": 63}, timeout=30)
     assert bad.status_code == 400 and bad.json()["error"] == "InvalidRequest"
+
+
+SLOW = {"prompt": "a red square", "steps": 1000, "width": 256, "height": 256, "seed": 1}
+
+
+def _background(base, body):
+    out = {}
+    t = threading.Thread(target=lambda: out.setdefault("r", requests.post(base + "/sdapi/v1/txt2img", json=body,
+                                                                          timeout=120)), daemon=True)
+    t.start()
+    return t, out
+
+
+def test_options_progress_jobs_and_interrupt_are_the_same_on_every_replica(cluster):
+    import json
+
+    get = lambda path: requests.get(cluster + path, timeout=10)  # noqa: E731
+    try:
+        assert requests.post(cluster + "/sdapi/v1/options", json={"sd_model_checkpoint": "second",
+                                                                  "CLIP_stop_at_last_layers": 2}, timeout=10).ok
+        answers = [_post(cluster, i) for i in range(10)]
+        assert len({r.headers["x-sdrt-replica"] for r in answers}) == 2
+        infos = [json.loads(r.json()["info"]) for r in answers]
+        assert {(i["sd_model_name"], i["clip_skip"]) for i in infos} == {("second", 2)}
+        assert {get("/sdapi/v1/options").json()["sd_model_checkpoint"] for _ in range(6)} == \
+            {f"second [{infos[0]['sd_model_hash']}]"}
+    finally:
+        requests.post(cluster + "/sdapi/v1/options", json={"sd_model_checkpoint": "sdrt-embedded",
+                                                          "CLIP_stop_at_last_layers": 1}, timeout=10)
+    thread, out = _background(cluster, {**SLOW, "force_task_id": "far"})
+    wait_until(lambda: get("/sdrt/v1/jobs/far").ok and get("/sdrt/v1/jobs/far").json()["step"] >= 2,
+               what="the job running")
+    time.sleep(0.5)  # its replica has published it
+    seen = [get("/sdrt/v1/jobs/far") for _ in range(8)]
+    assert {r.status_code for r in seen} == {200} and len({r.headers["x-sdrt-replica"] for r in seen}) == 2
+    assert {get("/sdapi/v1/progress").json()["current_task"] for _ in range(6)} == {"far"}
+    assert requests.post(cluster + "/sdapi/v1/interrupt", timeout=10).json() == {}
+    thread.join(60)
+    assert out["r"].status_code == 200 and get("/sdrt/v1/jobs/far").json()["interrupted"]
+    thread, out = _background(cluster, {**SLOW, "force_task_id": "gone"})
+    wait_until(lambda: get("/sdrt/v1/jobs/gone").ok and get("/sdrt/v1/jobs/gone").json()["step"] >= 2,
+               what="the second job running")
+    time.sleep(0.5)
+    for _ in range(4):  # from whichever replica answers: the job's own, or the other via the hub
+        requests.delete(cluster + "/sdrt/v1/jobs/gone", timeout=10)
+    thread.join(60)
+    assert out["r"].status_code == 409
+    # every replica says so once the job's own has published it (each publishes every 0.2 s)
+    wait_until(lambda: all(get("/sdrt/v1/jobs/gone").json()["state"] == "cancelled" for _ in range(4)), timeout=5,
+               what="the cancel seen on both replicas")
 
 
 def test_a_killed_replica_is_replaced_while_the_other_serves(cluster):
@@ -74,7 +130,6 @@ def test_a_killed_replica_is_replaced_while_the_other_serves(cluster):
     for c in clients:
         c.join(90)
     assert not any(c.is_alive() for c in clients)
-    print("ray codes", {c: codes.count(c) for c in set(codes)})
     assert set(codes) <= {200, 500, 503}, sorted(set(map(str, codes)))
     assert codes[killed_at:].count(200) >= 20
     deadline = time.time() + 60

@@ -49,64 +49,60 @@ def _check_scripts(body) -> None:
 
 @router.get("/progress")
 def progress(request: Request, skip_current_image: bool = False):
+    """The job running now (the oldest, on any replica) in A1111's terms; idle: zeros."""
     service = _service(request)
-    running = sorted(service.running(), key=lambda j: j.started or 0)
+    running = service.running_statuses()
     if not running:
         queued = service.counts()["queued"]
         return {"progress": 0.0, "eta_relative": 0.0, "state": _state(None, queued), "current_image": None,
                 "textinfo": None, "current_task": None}
     job = running[0]
-    parts, steps = job.work.n_iter, max(job.steps, 1)
-    value = min(0.01 + job.parts_done / parts + job.step / steps / parts, 1.0)
-    elapsed = time.time() - (job.started or time.time())
+    parts, steps = job["parts"], max(job["steps"], 1)
+    value = min(0.01 + job["parts_done"] / parts + job["step"] / steps / parts, 1.0)
+    elapsed = time.time() - (job["started"] or time.time())
     return {"progress": value, "eta_relative": max(elapsed / value - elapsed, 0.0), "state": _state(job, 0),
-            "current_image": None, "textinfo": None, "current_task": job.id}
+            "current_image": None, "textinfo": None, "current_task": job["id"]}
 
 
-def _state(job, queued: int) -> dict:
+def _state(job: dict | None, queued: int) -> dict:
     if job is None:
         return {"skipped": False, "interrupted": False, "stopping_generation": False, "job": "",
                 "job_count": queued, "job_timestamp": "0", "job_no": 0, "sampling_step": 0, "sampling_steps": 0}
-    return {"skipped": bool(job.skipped), "interrupted": job.interrupted, "stopping_generation": False,
-            "job": f"job {job.id}", "job_count": job.work.n_iter,
-            "job_timestamp": time.strftime("%Y%m%d%H%M%S", time.localtime(job.created)),
-            "job_no": job.parts_done, "sampling_step": job.step, "sampling_steps": job.steps}
+    return {"skipped": job["skipped"], "interrupted": job["interrupted"], "stopping_generation": False,
+            "job": f"job {job['id']}", "job_count": job["parts"],
+            "job_timestamp": time.strftime("%Y%m%d%H%M%S", time.localtime(job["created"])),
+            "job_no": job["parts_done"], "sampling_step": job["step"], "sampling_steps": job["steps"]}
 
 
 @router.post("/interrupt")
 def interrupt(request: Request):
     """A1111's meaning: the job running now stops at its next step and returns what it has."""
-    for job in _service(request).running():
-        job.interrupted = True
+    _service(request).interrupt("interrupt")
     return {}
 
 
 @router.post("/skip")
 def skip(request: Request):
     """The iteration running now ends at its next step; the job goes on with its next one."""
-    for job in _service(request).running():
-        job.skipped.add(job.parts_done)
+    _service(request).interrupt("skip")
     return None
 
 
 @router.get("/options")
 def get_options(request: Request):
     service = _service(request)
+    current = service.current
     return {"samples_format": "png", "CLIP_stop_at_last_layers": 1, "eta_ddim": 0.0, "sd_vae": "Automatic",
-            **service.options, "sd_model_checkpoint": service.current.title,
-            "sd_checkpoint_hash": service.current.sha256}
+            **service.options, "sd_model_checkpoint": current.title, "sd_checkpoint_hash": current.sha256}
 
 
 @router.post("/options")
 def set_options(options: dict, request: Request):
-    service = _service(request)
-    if "sd_model_checkpoint" in options:
-        service.current = service.models.find(options["sd_model_checkpoint"])  # a served name, or a 400
     clip_skip = options.get("CLIP_stop_at_last_layers")
     if clip_skip is not None:
         from ..runtime.request import check_int
         check_int(clip_skip, "CLIP_stop_at_last_layers", 1, 12)
-    service.options.update({k: v for k, v in options.items() if k not in ("sd_model_checkpoint", "sd_checkpoint_hash")})
+    _service(request).set_options(options)
     return None
 
 

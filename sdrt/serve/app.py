@@ -17,7 +17,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from .. import __version__
 from ..errors import JobCancelled, JobTimedOut, QueueFull, SdrtError
-from .jobs import Job, status_of
+from .jobs import FINAL, Job, status_of
 from .queue import Service
 
 POLL_S = 0.1  # how often a waiting request checks its client is still there
@@ -162,15 +162,21 @@ async def wait_for(job: Job, request: Request, service: Service) -> None:
         raise job.error
 
 
-def streaming_status(job: Job, request: Request, service: Service) -> StreamingResponse:
-    """Server-sent events: the job's status on every change, until it ends or the client leaves."""
+def streaming_status(job_id: str, request: Request, service: Service) -> StreamingResponse:
+    """Server-sent events: the job's status on every change (another replica's: as it publishes it), until it
+    ends or the client leaves."""
     async def events():
-        sent = -1
+        sent = None
         while True:
-            if job.version != sent:
-                sent = job.version
-                yield f"data: {json.dumps(job.status(service.position(job)))}\n\n"
-            if job.is_final and job.version == sent:
+            try:
+                status = service.status(job_id)
+            except SdrtError:  # forgotten (a replica gone): the stream ends
+                return
+            changed = {k: v for k, v in status.items() if k != "eta"}
+            if changed != sent:
+                sent = changed
+                yield f"data: {json.dumps(status)}\n\n"
+            if status["state"] in FINAL:
                 return
             if await request.is_disconnected():
                 return

@@ -124,7 +124,7 @@ class Job:
             eta = max(elapsed / fraction - elapsed, 0.0)
         return {"id": self.id, "state": self.state, "model": self.work.model, "mode": self.work.mode,
                 "step": self.step, "steps": self.steps, "part": min(self.parts_done + 1, self.work.n_iter),
-                "parts": self.work.n_iter, "progress": round(fraction, 4), "eta": eta,
+                "parts": self.work.n_iter, "parts_done": self.parts_done, "skipped": bool(self.skipped), "progress": round(fraction, 4), "eta": eta,
                 "queue_position": queue_position, "interrupted": self.interrupted,
                 "error": None if self.error is None else _describe(self.error),
                 "created": self.created, "started": self.started, "finished": self.finished}

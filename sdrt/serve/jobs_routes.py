@@ -5,7 +5,8 @@ from fastapi import APIRouter, Request
 from pydantic import BaseModel
 
 from .app import streaming_status
-from .jobs import DONE
+from ..errors import NotFound
+from .jobs import DONE, FINAL, QUEUED, RUNNING
 
 router = APIRouter()
 
@@ -16,23 +17,19 @@ def _service(request: Request):
 
 @router.get("/sdrt/v1/jobs/{job_id}")
 def job_status(job_id: str, request: Request):
-    service = _service(request)
-    job = service.get(job_id)
-    return job.status(service.position(job))
+    return _service(request).status(job_id)
 
 
 @router.get("/sdrt/v1/jobs/{job_id}/events")
 def job_events(job_id: str, request: Request):
     service = _service(request)
-    return streaming_status(service.get(job_id), request, service)
+    service.status(job_id)  # a 404 before the stream starts
+    return streaming_status(job_id, request, service)
 
 
 @router.delete("/sdrt/v1/jobs/{job_id}")
 def cancel_job(job_id: str, request: Request):
-    service = _service(request)
-    job = service.get(job_id)
-    service.cancel(job)
-    return job.status(None)
+    return _service(request).cancel_id(job_id)
 
 
 @router.get("/sdrt/v1/health")
@@ -49,15 +46,14 @@ class _TaskQuery(BaseModel):
 @router.post("/internal/progress")
 def internal_progress(query: _TaskQuery, request: Request):
     """A1111's per-task progress (what force_task_id is for)."""
-    service = _service(request)
-    job = service.find(query.id_task)
-    if job is None:
+    try:
+        s = _service(request).status(query.id_task)
+    except NotFound:
         return {"active": False, "queued": False, "completed": False, "progress": None, "eta": None,
                 "live_preview": None, "id_live_preview": -1, "textinfo": "Waiting..."}
-    s = job.status(service.position(job))
-    return {"active": s["state"] == "running", "queued": s["state"] == "queued", "completed": job.is_final,
+    return {"active": s["state"] == RUNNING, "queued": s["state"] == QUEUED, "completed": s["state"] in FINAL,
             "progress": s["progress"], "eta": s["eta"], "live_preview": None, "id_live_preview": -1,
-            "textinfo": None if job.state != DONE else "Done"}
+            "textinfo": "Done" if s["state"] == DONE else None}
 
 
 @router.get("/internal/ping")

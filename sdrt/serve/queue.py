@@ -12,6 +12,7 @@ from ..errors import JobCancelled, NotFound, QueueFull
 from ..runtime.batch import Member, NotBatchable, txt2img_batch
 from .jobs import FINAL, QUEUED, RUNNING, Job, Work
 from .models import ModelSet
+from .shared import Local
 
 
 @dataclass(frozen=True)
@@ -27,8 +28,7 @@ class Settings:
 class Service:
     def __init__(self, models: ModelSet, settings: Settings = Settings()):
         self.models, self.settings = models, settings
-        self.current = models.default  # A1111's sd_model_checkpoint
-        self.options: dict = {}  # what clients POST to /options besides the checkpoint, echoed back
+        self.shared = Local(models.default.title)  # A1111's global model and options (a hub under Ray Serve)
         self._cond = threading.Condition()
         self._waiting: list[Job] = []  # jobs with parts no worker has taken, oldest first
         self._jobs: dict[str, Job] = {}
@@ -65,6 +65,7 @@ class Service:
                 job.finish(JobCancelled(f"job {job.id} was cancelled: the server shut down before it finished"))
         for worker in self._workers:
             worker.join(timeout=max(deadline - time.time(), 0) + 5)
+        self.shared.close()
 
     # -- jobs --------------------------------------------------------------------------------------------------
     def submit(self, work: Work, job_id: str | None = None) -> Job:
@@ -109,6 +110,70 @@ class Service:
 
     def running(self) -> list[Job]:
         return [j for j in list(self._jobs.values()) if j.state == RUNNING]
+
+    # -- what A1111 keeps global (shared.py: across replicas under Ray Serve) ---------------------------------------
+    @property
+    def current(self):
+        return self.models.find(self.shared.settings()[0])
+
+    @property
+    def options(self) -> dict:
+        return self.shared.settings()[1]
+
+    def set_options(self, options: dict) -> None:
+        current = self.current
+        if "sd_model_checkpoint" in options:
+            current = self.models.find(options["sd_model_checkpoint"])  # a served name, or a 400
+        rest = {k: v for k, v in options.items() if k not in ("sd_model_checkpoint", "sd_checkpoint_hash")}
+        self.shared.set_settings(current.title, rest)
+
+    def interrupt(self, kind: str = "interrupt") -> None:
+        """A1111's /interrupt (the running jobs stop at their next step and return what they have) or /skip (their
+        running iteration ends there), here and on every other replica."""
+        self.apply(kind, None)
+        self.shared.broadcast(kind)
+
+    def cancel_id(self, job_id: str) -> dict:
+        job = self.find(job_id)
+        if job is not None:
+            self.cancel(job)
+            return job.status(None)
+        status = self.status(job_id)  # another replica's job: it cancels it at its next sync
+        self.shared.broadcast("cancel", job_id)
+        return {**status, "cancel_requested": True}
+
+    def apply(self, kind: str, arg: str | None) -> None:
+        for job in self.running() if kind != "cancel" else [self.find(arg)]:
+            if job is None:
+                continue
+            if kind == "interrupt":
+                job.interrupted = True
+            elif kind == "skip":
+                job.skipped.add(job.parts_done)
+            elif kind == "cancel":
+                self.cancel(job)
+
+    def local_statuses(self, finished_within_s: float) -> list[dict]:
+        since = time.time() - finished_within_s
+        return [j.status(self.position(j)) for j in list(self._jobs.values())
+                if not j.is_final or (j.finished or 0) > since]
+
+    def status(self, job_id: str) -> dict:
+        """A job's status, on this replica or another (as it last published it)."""
+        job = self.find(job_id)
+        if job is not None:
+            return job.status(self.position(job))
+        for status in self.shared.others():
+            if status["id"] == job_id:
+                return status
+        raise NotFound(f"no job with id {job_id[:100]!r} (finished jobs are kept for the last "
+                       f"{self.settings.keep_finished})")
+
+    def running_statuses(self) -> list[dict]:
+        """Every running job's status, here and on other replicas, oldest first."""
+        mine = [j.status(None) for j in self.running()]
+        return sorted(mine + [s for s in self.shared.others() if s["state"] == RUNNING],
+                      key=lambda s: s["started"] or 0)
 
     def position(self, job: Job) -> int | None:
         with self._cond:

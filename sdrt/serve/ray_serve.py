@@ -2,8 +2,9 @@
 constructor (models loaded once per replica, its own queue and batching; no module state crosses processes), and
 Ray's HTTP proxy spreads requests over the replicas and replaces one that dies.
 
-Per replica, as on one server: job ids (/sdrt/v1/jobs/{id}), /progress, /interrupt and /options describe the
-replica a request lands on (Ray routes by load, not by job); responses carry X-Sdrt-Replica to tell which.
+What A1111 keeps global is kept in a hub actor (shared.py): the model and options a POST /options sets, /interrupt
+and /skip, and every replica's job statuses, so /progress, /sdrt/v1/jobs/{id} and its cancel answer the same on
+any replica. Responses carry X-Sdrt-Replica: which process answered.
 """
 from __future__ import annotations
 
@@ -28,14 +29,22 @@ def _ray():
 
 
 def deployment(models: ModelSet, settings: Settings, access: Access, replicas: int, cpus: float = 1.0,
-               gpus: float = 0.0):
-    """The bound Ray Serve application: `replicas` copies of the app, each reserving cpus/gpus."""
+               gpus: float = 0.0, hub=None):
+    """The bound Ray Serve application: `replicas` copies of the app, each reserving cpus/gpus, sharing `hub`."""
     _, serve = _ray()
 
     @serve.ingress()
     class SdrtReplica:
-        def __init__(self, models: ModelSet, settings: Settings, access: Access):
-            self.service = Service(models, settings).start()
+        def __init__(self, models: ModelSet, settings: Settings, access: Access, hub):
+            import os
+            import socket
+
+            from .shared import OnHub
+
+            self.service = Service(models, settings)
+            if hub is not None:
+                self.service.shared = OnHub(hub, f"{socket.gethostname()}:{os.getpid()}", self.service)
+            self.service.start()
             self.asgi = create_app(self.service, access)
 
         def __serve_build_asgi_app__(self):
@@ -48,7 +57,7 @@ def deployment(models: ModelSet, settings: Settings, access: Access, replicas: i
     ongoing = max(settings.queue + settings.max_batch, 8)
     return serve.deployment(SdrtReplica, name="SdrtReplica", num_replicas=replicas, max_ongoing_requests=ongoing,
                             health_check_period_s=2.0, health_check_timeout_s=30.0,
-                            ray_actor_options={"num_cpus": cpus, "num_gpus": gpus}).bind(models, settings, access)
+                            ray_actor_options={"num_cpus": cpus, "num_gpus": gpus}).bind(models, settings, access, hub)
 
 
 def start(models: ModelSet, settings: Settings, access: Access, host: str, port: int, replicas: int,
@@ -61,7 +70,9 @@ def start(models: ModelSet, settings: Settings, access: Access, host: str, port:
     if models.options.threads is None and cpus >= 1:  # replicas on one machine share its cores
         from dataclasses import replace
         models.options = replace(models.options, threads=int(cpus))
-    serve.run(deployment(models, settings, access, replicas, cpus, gpus), name=APP_NAME, route_prefix="/",
+    from .shared import Hub
+    hub = ray.remote(Hub).options(name="sdrt-hub", num_cpus=0, get_if_exists=True).remote(models.default.title)
+    serve.run(deployment(models, settings, access, replicas, cpus, gpus, hub), name=APP_NAME, route_prefix="/",
               blocking=False)
 
 

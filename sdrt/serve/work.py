@@ -77,12 +77,13 @@ def _common(body: Generation, service, mode: str, max_prompt_chars: int) -> Work
             raise InvalidRequest(f"{what} has {len(text)} characters; this server takes at most {max_prompt_chars} "
                                  "(sdrt serve --max-prompt-chars N)")
     overrides = body.override_settings or {}
-    served = service.models.find(overrides.get("sd_model_checkpoint") or service.current.name)
+    current, server_options = service.shared.settings()  # the server's model and options (one call to a Ray hub)
+    served = service.models.find(overrides.get("sd_model_checkpoint") or current)
     manifest_f = 8  # every SD family's VAE scale factor; the pipeline checks the rest
     width = None if body.width is None else request.check_size(body.width, "width", manifest_f)
     height = None if body.height is None else request.check_size(body.height, "height", manifest_f)
     sampler = a1111.sampler_for(body.sampler_name, body.sampler_index, body.scheduler)
-    clip_skip = overrides.get("CLIP_stop_at_last_layers", service.options.get("CLIP_stop_at_last_layers", 1))
+    clip_skip = overrides.get("CLIP_stop_at_last_layers", server_options.get("CLIP_stop_at_last_layers", 1))
     batch_size = request.check_int(body.batch_size, "batch_size", 1, request.MAX_BATCH)
     n_iter = request.check_int(body.n_iter, "n_iter", 1, 100)
     size = (served.width, served.height)
