@@ -30,6 +30,8 @@ def serve(
     max_prompt_chars: int = typer.Option(8192, "--max-prompt-chars", help="Longest prompt accepted."),
     lora_dir: list[Path] = typer.Option([], "--lora-dir", help="Where <lora:name:w> tags are looked up."),
     embedding: list[Path] = typer.Option([], "--embedding", help="Textual-inversion file to load (repeatable)."),
+    controlnet: list[Path] = typer.Option([], "--controlnet", help="A ControlNet bundle requests may name in "
+                                          "alwayson_scripts.controlnet (repeatable)."),
     backend: str = typer.Option("auto", "--backend", help="auto, tensorrt or onnxruntime."),
     engines: Path = typer.Option(Path("engines"), "--engines", help="Where `sdrt build` put the engines."),
     threads: Optional[int] = typer.Option(None, "--threads", help="ONNX Runtime threads per session."),
@@ -66,7 +68,8 @@ def serve(
     settings = Settings(queue=queue, batch_window_s=batch_window / 1000, max_batch=max_batch, workers=workers,
                         job_timeout_s=job_timeout or None)
     models = ModelSet(list(model), LoadOptions(backend=backend, engines=engines, threads=threads,
-                                               lora_dirs=tuple(lora_dir), embeddings=tuple(embedding)))
+                                               lora_dirs=tuple(lora_dir), embeddings=tuple(embedding),
+                                               controlnets=tuple(controlnet)))
     echo = lambda m: typer.echo(m, err=True)  # noqa: E731
     if ray:
         from .serve.ray_serve import serve_on_ray

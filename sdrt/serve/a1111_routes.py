@@ -8,7 +8,7 @@ from fastapi import APIRouter, Request
 from starlette.concurrency import run_in_threadpool
 
 from ..runtime import samplers
-from . import a1111
+from . import a1111, controlnet_units
 from .app import wait_for
 from .schema import Img2Img, PngInfo, Txt2Img
 from .work import img2img_work, response, txt2img_work
@@ -40,11 +40,13 @@ async def _generate(body, request: Request, make):
 
 
 def _check_scripts(body) -> None:
+    """A1111 answers 422 for a script it doesn't have; the ControlNet extension's is sdrt's own."""
     from fastapi import HTTPException
     if body.script_name:
         raise HTTPException(422, detail=f"Script '{body.script_name}' not found")
     for title in body.alwayson_scripts or {}:
-        raise HTTPException(422, detail=f"always on script {title} not found")
+        if title.lower() != controlnet_units.TITLE:
+            raise HTTPException(422, detail=f"always on script {title} not found")
 
 
 @router.get("/progress")
@@ -123,8 +125,9 @@ def scheduler_list():
 
 
 @router.get("/scripts")
-def scripts():
-    return {"txt2img": [], "img2img": []}
+def scripts(request: Request):
+    have = [controlnet_units.TITLE] if _service(request).models.nets else []
+    return {"txt2img": have, "img2img": list(have)}
 
 
 @router.get("/embeddings")
@@ -210,3 +213,22 @@ def refresh_vae():
 @router.post("/refresh-embeddings")
 def refresh_embeddings():
     return None
+
+
+# -- the ControlNet extension's routes ---------------------------------------------------------------------------
+controlnet_router = APIRouter(prefix="/controlnet")
+
+
+@controlnet_router.get("/model_list")
+def controlnet_models(request: Request):
+    return {"model_list": [n.title for n in _service(request).models.nets]}
+
+
+@controlnet_router.get("/module_list")
+def controlnet_modules():
+    return {"module_list": list(controlnet_units.MODULES)}
+
+
+@controlnet_router.get("/version")
+def controlnet_version():
+    return {"version": 2}

@@ -46,6 +46,7 @@ def create_app(service: Service, access: Access = Access()) -> FastAPI:
     from . import a1111_routes, jobs_routes
 
     app.include_router(a1111_routes.router, dependencies=guard)
+    app.include_router(a1111_routes.controlnet_router, dependencies=guard)
     app.include_router(jobs_routes.router, dependencies=guard)
     return app
 

@@ -9,6 +9,7 @@ from ..errors import ModelNotServed
 from ..runtime import lora as _lora
 from ..runtime.manifest import load_manifest
 from ..runtime.pipeline import Pipeline
+from .controlnet_units import served_nets
 
 EMBEDDED_NAME = "sdrt-embedded"
 
@@ -34,6 +35,7 @@ class LoadOptions:
     threads: int | None = None
     lora_dirs: tuple[Path, ...] = ()
     embeddings: tuple[Path, ...] = ()
+    controlnets: tuple[Path, ...] = ()  # ControlNet bundles requests may name (serve/controlnet_units.py)
 
 
 class ModelSet:
@@ -53,6 +55,7 @@ class ModelSet:
             self.models.append(Served(name, None if path is None else Path(path), manifest.model_hash, full,
                                       manifest.default_width, manifest.default_height))
         self.default = self.models[0]
+        self.nets = served_nets(options.controlnets)
 
     def find(self, wanted: str | None) -> Served:
         """A title, model_name, title without the hash, or hash -> the served model."""
@@ -76,6 +79,12 @@ class ModelSet:
                 pipe.load_embedding(emb)
             pipes[m.name] = pipe
         return pipes
+
+    def open_nets(self) -> dict:
+        from ..runtime.controlnet import ControlNet
+
+        o = self.options
+        return {n.name: ControlNet.load(n.path, o.threads, o.backend, o.engines) for n in self.nets}
 
     def loras(self) -> list[dict]:
         seen = {}

@@ -1,7 +1,8 @@
 """The service: a bounded FIFO of jobs and the workers that run them. A worker takes the oldest waiting part and,
 when batching is on, every waiting part that can share its U-Net calls (same batch key), up to `max_batch`
 images, waiting up to `batch_window_s` for more to arrive. A batch that fails is run again one job at a time, so
-a failing job (NaN, an engine error) fails alone."""
+a failing job (NaN, an engine error) fails alone. The window is waited only while the server is busy (two jobs
+alive at once in the last BUSY_S seconds): a lone client's request starts at once."""
 from __future__ import annotations
 
 import threading
@@ -10,9 +11,13 @@ from dataclasses import dataclass
 
 from ..errors import JobCancelled, NotFound, QueueFull
 from ..runtime.batch import Member, NotBatchable, txt2img_batch
+from .controlnet_units import controls
 from .jobs import FINAL, QUEUED, RUNNING, Job, Work
 from .models import ModelSet
 from .shared import Local
+
+
+BUSY_S = 2.0  # the window is waited only when two jobs were alive at once within this many seconds
 
 
 @dataclass(frozen=True)
@@ -36,13 +41,14 @@ class Service:
         self._pipes: list[dict] = []  # each worker's pipelines by model name
         self.stats = {"runs": 0, "batched_runs": 0, "batched_jobs": 0, "fallbacks": 0}  # what batching did
         self.closing = False
+        self._load: list[tuple[float, int]] = []  # (when, jobs alive) at each submit: is anyone else here?
 
     # -- life cycle --------------------------------------------------------------------------------------------
     def start(self) -> "Service":
         for n in range(self.settings.workers):
-            pipes = self.models.open_all()
+            pipes, nets = self.models.open_all(), self.models.open_nets()
             self._pipes.append(pipes)
-            worker = threading.Thread(target=self._work, args=(pipes,), name=f"sdrt-worker-{n}", daemon=True)
+            worker = threading.Thread(target=self._work, args=(pipes, nets), name=f"sdrt-worker-{n}", daemon=True)
             worker.start()
             self._workers.append(worker)
         return self
@@ -81,6 +87,8 @@ class Service:
             job = Job(work, job_id, self.settings.job_timeout_s)
             self._remember(job)
             self._waiting.append(job)
+            alive = len(self._waiting) + len(self.running())
+            self._load = [(t, n) for t, n in self._load if t > time.time() - BUSY_S] + [(time.time(), alive)]
             self._cond.notify_all()
         return job
 
@@ -211,7 +219,8 @@ class Service:
             key, s = first.work.batch_key, self.settings
             if key is None or s.max_batch <= 1:
                 return batch
-            deadline = time.time() + s.batch_window_s
+            busy = max((n for t, n in self._load if t > time.time() - BUSY_S), default=0) > 1
+            deadline = time.time() + (s.batch_window_s if busy else 0.0)  # a lone client never waits
             while images < s.max_batch:
                 for job in list(self._waiting):
                     if job.work.batch_key == key and not job.is_final and images + job.work.batch_size <= s.max_batch:
@@ -230,7 +239,7 @@ class Service:
             self._waiting.remove(job)
         return job, part
 
-    def _work(self, pipes: dict) -> None:
+    def _work(self, pipes: dict, nets: dict) -> None:
         while True:
             batch = self._take()
             if batch is None:
@@ -247,7 +256,7 @@ class Service:
                 except Exception:  # NotBatchable, or one job's failure: each runs alone and fails alone
                     self.stats["fallbacks"] += 1
             for job, part in batch:
-                self._run_alone(pipes[job.work.model], job, part)
+                self._run_alone(pipes[job.work.model], nets, job, part)
 
     def _run_together(self, pipe, batch) -> None:
         members = [Member(job.work.prompt, {**job.work.options, "seed": job.seeds_of(part)[0],
@@ -258,13 +267,15 @@ class Service:
         for (job, part), images in zip(batch, results):
             job.part_done(part, images)
 
-    def _run_alone(self, pipe, job: Job, part: int) -> None:
+    def _run_alone(self, pipe, nets: dict, job: Job, part: int) -> None:
         if job.is_final:
             return
         w = job.work
         options = {**w.options, "seed": job.seeds_of(part)[0], "batch": w.batch_size, "progress": job.progress,
                    "stop": lambda: job.should_stop(part)}
         try:
+            if w.mode_args.get("units"):
+                options["controls"] = controls(w.mode_args["units"], nets)
             if w.mode == "txt2img":
                 images = pipe.txt2img(w.prompt, **options)
             elif w.mode == "img2img":

@@ -8,6 +8,7 @@ from ..runtime import hypernetworks, lora, request
 from ..runtime.images import as_mask, as_rgb, png_bytes
 from ..runtime.samplers import resolve
 from . import a1111
+from .controlnet_units import units
 from .jobs import Job, Work
 from .schema import Generation, Img2Img, Txt2Img
 
@@ -21,6 +22,9 @@ def txt2img_work(body: Txt2Img, service, max_prompt_chars: int) -> Work:
         raise InvalidRequest("enable_hr (hires fix) is not supported by sdrt serve yet; send enable_hr: false and "
                              "the final width/height")
     work = _common(body, service, "txt2img", max_prompt_chars)
+    found = units(body.alwayson_scripts, service.models.nets)
+    if found:  # ControlNet jobs run alone
+        return _replace(work, mode_args={"units": found})
     o = work.options
     key = (work.model, o["height"], o["width"], o["steps"], o["sampler"], o["eta"], o["guidance"] > 1.0,
            o["clip_skip"], tuple(lora.parse_tags(work.prompt)[1]), tuple(hypernetworks.parse_tags(work.prompt)))
@@ -52,7 +56,8 @@ def img2img_work(body: Img2Img, service, max_prompt_chars: int) -> Work:
             image = _filled(image, mask)
         blur = body.mask_blur if body.mask_blur is not None else body.mask_blur_x
         args |= {"mask_blur": blur, "only_masked": body.inpaint_full_res, "padding": body.inpaint_full_res_padding}
-    return _replace(work, mode_args={"image": image, "mask": mask, "args": args})
+    found = units(body.alwayson_scripts, service.models.nets, init_image=image)
+    return _replace(work, mode_args={"image": image, "mask": mask, "args": args, "units": found})
 
 
 def response(body: Generation, job: Job, service) -> dict:
