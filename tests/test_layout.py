@@ -82,6 +82,9 @@ def test_imports_point_one_way():
                        "sdrt.runtime.families", "sdrt.errors", "sdrt")
             assert all(any(_within(d, a) if a != "sdrt" else d == "sdrt" for a in allowed) for d in deps), \
                 (module, deps)
+        if _within(module, "sdrt.serve"):  # the server runs bundles on the numpy side: no torch, no exporter
+            assert not {d for d in deps if _within(d, "sdrt.export") or d in ("sdrt.cli", "sdrt.bench")}, module
+            assert not {d for d in deps if _within(d, "sdrt.runtime.engines")}, (module, deps)
         if _within(module, "sdrt.runtime.families"):  # descriptions: names, and the text side they open
             assert all(d in ("sdrt.runtime.names", "sdrt.errors", "sdrt.runtime.text", "sdrt.runtime.tokenizer")
                        or _within(d, "sdrt.runtime.families") for d in deps), (module, deps)

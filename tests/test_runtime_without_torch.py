@@ -49,3 +49,22 @@ def test_export_without_torch_says_what_to_install(tmp_path):
     assert done.returncode == 7
     assert done.stderr.strip() == ("error: exporting needs the export extra (torch is missing): "
                                    "pip install torch==2.13.0 'sdrt[export]'")
+
+
+def test_the_server_runs_without_torch():
+    """sdrt serve's app answers a txt2img request in a process where torch and the exporter can't be imported."""
+    script = BLOCKER + textwrap.dedent("""
+        from fastapi.testclient import TestClient
+        from sdrt.serve import ModelSet, Service, Settings, create_app
+        service = Service(ModelSet([]), Settings(batch_window_s=0.0)).start()
+        with TestClient(create_app(service)) as client:
+            r = client.post("/sdapi/v1/txt2img", json={"prompt": "a red square", "steps": 2, "seed": 1})
+            assert r.status_code == 200 and len(r.json()["images"]) == 1, r.text
+        service.close()
+        loaded = sorted(m for m in sys.modules if m.split(".")[0] in BLOCKED)
+        assert not loaded, loaded
+        print("ok")
+    """)
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.strip().endswith("ok")

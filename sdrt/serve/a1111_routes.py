@@ -9,7 +9,7 @@ from starlette.concurrency import run_in_threadpool
 
 from ..runtime import samplers
 from . import a1111, controlnet_units
-from .app import wait_for
+from .waiting import wait_for
 from .schema import Img2Img, PngInfo, Txt2Img
 from .work import img2img_work, response, txt2img_work
 

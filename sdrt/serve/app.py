@@ -2,7 +2,6 @@
 Service, behind optional Basic/Bearer auth, with A1111's error shape and a body size limit."""
 from __future__ import annotations
 
-import asyncio
 import json
 import os
 import socket
@@ -12,15 +11,15 @@ from dataclasses import dataclass
 
 from fastapi import Depends, FastAPI, HTTPException, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from .. import __version__
-from ..errors import JobCancelled, JobTimedOut, QueueFull, SdrtError
-from .jobs import FINAL, Job, status_of
+from ..errors import QueueFull, SdrtError
+from . import a1111_routes, jobs_routes
+from .jobs import status_of
 from .queue import Service
 
-POLL_S = 0.1  # how often a waiting request checks its client is still there
 _REPLICA = f"{socket.gethostname()}:{os.getpid()}".encode()  # which process answered (Ray Serve has several)
 
 
@@ -43,8 +42,6 @@ def create_app(service: Service, access: Access = Access()) -> FastAPI:
     _errors(app)
     app.add_middleware(_Limits, max_body=access.max_body_bytes)
     guard = [Depends(_authenticate)]
-    from . import a1111_routes, jobs_routes
-
     app.include_router(a1111_routes.router, dependencies=guard)
     app.include_router(a1111_routes.controlnet_router, dependencies=guard)
     app.include_router(jobs_routes.router, dependencies=guard)
@@ -142,47 +139,4 @@ def _too_large(size: int, limit: int, key: str = "content") -> dict:
             "status_code": 413}
 
 
-async def wait_for(job: Job, request: Request, service: Service) -> None:
-    """Until the job ends. A client that goes away cancels it; the job's timeout ends the wait with a 504."""
-    loop = asyncio.get_running_loop()
-    done = loop.create_future()
-    job.on_final(lambda: loop.call_soon_threadsafe(lambda: done.done() or done.set_result(None)))
-    try:
-        while not done.done():
-            await asyncio.wait({done}, timeout=POLL_S)
-            if done.done():
-                break
-            if job.deadline is not None and time.time() > job.deadline:
-                job.finish(JobTimedOut(f"job {job.id} ran past its timeout; sdrt serve --job-timeout S"))
-            elif await request.is_disconnected():
-                service.cancel(job, "cancelled: its client disconnected")
-    except asyncio.CancelledError:  # the server is stopping this request (shutdown past the drain timeout)
-        service.cancel(job, "cancelled: the server stopped waiting for it")
-        raise
-    if job.error is not None:
-        raise job.error
-
-
-def streaming_status(job_id: str, request: Request, service: Service) -> StreamingResponse:
-    """Server-sent events: the job's status on every change (another replica's: as it publishes it), until it
-    ends or the client leaves."""
-    async def events():
-        sent = None
-        while True:
-            try:
-                status = service.status(job_id)
-            except SdrtError:  # forgotten (a replica gone): the stream ends
-                return
-            changed = {k: v for k, v in status.items() if k != "eta"}
-            if changed != sent:
-                sent = changed
-                yield f"data: {json.dumps(status)}\n\n"
-            if status["state"] in FINAL:
-                return
-            if await request.is_disconnected():
-                return
-            await asyncio.sleep(POLL_S)
-    return StreamingResponse(events(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
-
-
-__all__ = ["Access", "create_app", "wait_for", "streaming_status", "error_body", "JobCancelled"]
+__all__ = ["Access", "create_app", "error_body"]

@@ -4,7 +4,7 @@ from __future__ import annotations
 from fastapi import APIRouter, Request
 from pydantic import BaseModel
 
-from .app import streaming_status
+from .waiting import streaming_status
 from ..errors import NotFound
 from .jobs import DONE, FINAL, QUEUED, RUNNING
 
