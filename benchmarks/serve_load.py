@@ -36,7 +36,8 @@ def start_server(args, batching: bool) -> tuple[subprocess.Popen, str]:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     cmd = [sys.executable, "-m", "sdrt.cli", "serve", "--port", str(port), "--queue", "1000",
-           "--max-batch", str(args.max_batch if batching else 1), "--batch-window", str(args.window_ms)]
+           "--max-batch", str(args.max_batch if batching else 1), "--batch-window", str(args.window_ms),
+           "--max-batch-megapixels", str(args.max_batch_megapixels)]
     if args.model:
         cmd += ["--model", str(args.model)]
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
@@ -58,16 +59,23 @@ def body(args, k: int, i: int) -> dict:
             "width": args.width, "height": args.height, "sampler_name": "Euler a", "cfg_scale": 7.0}
 
 
-def load(base: str, args, clients: int) -> dict:
+def load(base: str, args, clients: int, images: dict) -> dict:
     latencies, errors = [], []
     lock = threading.Lock()
 
     def client(k: int) -> None:
         for i in range(args.requests):
             t = time.perf_counter()
-            r = requests.post(base + "/sdapi/v1/txt2img", json=body(args, k, i), timeout=3600)
+            try:
+                r = requests.post(base + "/sdapi/v1/txt2img", json=body(args, k, i), timeout=3600)
+            except requests.RequestException as e:  # the server died (out of memory): recorded, not hidden
+                with lock:
+                    errors.append(type(e).__name__)
+                return
             with lock:
                 (latencies if r.status_code == 200 else errors).append(time.perf_counter() - t if r.ok else r.status_code)
+                if r.ok:
+                    images[(clients, k, i)] = r.json()["images"][0]
     threads = [threading.Thread(target=client, args=(k,)) for k in range(clients)]
     started = time.perf_counter()
     for t in threads:
@@ -75,6 +83,9 @@ def load(base: str, args, clients: int) -> dict:
     for t in threads:
         t.join()
     wall = time.perf_counter() - started
+    if not latencies:
+        return {"clients": clients, "images": 0, "errors": errors, "wall_s": round(wall, 3), "images_per_s": 0.0,
+                "p50_s": None, "p95_s": None}
     q = statistics.quantiles(latencies, n=20) if len(latencies) > 1 else latencies * 19
     return {"clients": clients, "images": len(latencies), "errors": errors, "wall_s": round(wall, 3),
             "images_per_s": round(len(latencies) / wall, 4), "p50_s": round(statistics.median(latencies), 3),
@@ -86,11 +97,11 @@ def peak_rss_mb(proc: subprocess.Popen) -> float:
         return next(int(line.split()[1]) for line in f if line.startswith("VmHWM:")) / 1024
 
 
-def run_mode(args, batching: bool) -> tuple[list[dict], float, dict]:
+def run_mode(args, batching: bool, images: dict) -> tuple[list[dict], float, dict]:
     proc, base = start_server(args, batching)
     try:
         requests.post(base + "/sdapi/v1/txt2img", json=body(args, 0, 0), timeout=3600)  # warm-up: sessions, arenas
-        rows = [load(base, args, c) for c in args.clients]
+        rows = [load(base, args, c, images) for c in args.clients]
         stats = requests.get(base + "/sdrt/v1/health", timeout=10).json()
         return rows, peak_rss_mb(proc), stats
     finally:
@@ -109,35 +120,59 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--max-batch", type=int, default=8)
     ap.add_argument("--window-ms", type=float, default=50.0)
+    ap.add_argument("--max-batch-megapixels", type=float, default=1.0)
     ap.add_argument("--json", type=Path)
     args = ap.parse_args()
     runs = {"off": [], "on": []}
     rss = {"off": 0.0, "on": 0.0}
+    images = {"off": {}, "on": {}}  # the same requests (client k's i-th) in both modes: batched = alone?
     for _ in range(args.rounds):
         for mode in ("off", "on"):
-            rows, peak, _ = run_mode(args, mode == "on")
+            rows, peak, _ = run_mode(args, mode == "on", images[mode])
             runs[mode].append(rows)
             rss[mode] = max(rss[mode], peak)
     summary = []
     for j, c in enumerate(args.clients):
         per = {m: [r[j] for r in runs[m]] for m in runs}
-        tput = {m: statistics.median(r["images_per_s"] for r in per[m]) for m in per}
-        summary.append({"clients": c, "images_per_s_off": tput["off"], "images_per_s_on": tput["on"],
-                        "gain": round(tput["on"] / tput["off"], 3),
-                        "p50_s_off": statistics.median(r["p50_s"] for r in per["off"]),
-                        "p50_s_on": statistics.median(r["p50_s"] for r in per["on"]),
-                        "p95_s_off": statistics.median(r["p95_s"] for r in per["off"]),
-                        "p95_s_on": statistics.median(r["p95_s"] for r in per["on"])})
-        print(f"{c} clients: {tput['off']:.3f} -> {tput['on']:.3f} images/s ({summary[-1]['gain']:.2f}x); p50 "
-              f"{summary[-1]['p50_s_off']:.2f} -> {summary[-1]['p50_s_on']:.2f} s, p95 {summary[-1]['p95_s_off']:.2f} "
-              f"-> {summary[-1]['p95_s_on']:.2f} s")
-    result = {"command": shlex.join([Path(sys.executable).name, *sys.argv]), "machine": platform.processor() or
-              platform.machine(), "cpu": _cpu(), "model": str(args.model or "embedded"), "steps": args.steps,
+        row = {"clients": c, "errors_off": sum(len(r["errors"]) for r in per["off"]),
+               "errors_on": sum(len(r["errors"]) for r in per["on"])}
+        for m in ("off", "on"):
+            row[f"images_per_s_{m}"] = _median([r["images_per_s"] for r in per[m]])
+            row[f"p50_s_{m}"] = _median([r["p50_s"] for r in per[m]])
+            row[f"p95_s_{m}"] = _median([r["p95_s"] for r in per[m]])
+        row["gain"] = round(row["images_per_s_on"] / row["images_per_s_off"], 3) if row["images_per_s_off"] else None
+        summary.append(row)
+        print(f"{c} clients: {row['images_per_s_off']} -> {row['images_per_s_on']} images/s ({row['gain']}x); p50 "
+              f"{row['p50_s_off']} -> {row['p50_s_on']} s, p95 {row['p95_s_off']} -> {row['p95_s_on']} s; errors "
+              f"{row['errors_off']} / {row['errors_on']}")
+    diff = max_pixel_difference(images["off"], images["on"])
+    print(f"batched vs alone, the same {diff[1]} requests: max {diff[0]}/255 per pixel")
+    result = {"max_pixel_diff_batched_vs_alone": diff[0], "compared_images": diff[1],
+              "command": shlex.join([Path(sys.executable).name, *sys.argv]), "machine": platform.machine(), "cpu": _cpu(), "model": str(args.model or "embedded"), "steps": args.steps,
               "size": [args.width, args.height], "max_batch": args.max_batch, "window_ms": args.window_ms,
+              "max_batch_megapixels": args.max_batch_megapixels,
               "requests_per_client": args.requests, "rounds": args.rounds, "summary": summary, "runs": runs,
               "server_peak_rss_mb": rss}
     if args.json:
         args.json.write_text(json.dumps(result, indent=1) + "\n")
+
+
+def _median(values):
+    values = [v for v in values if v is not None]
+    return round(statistics.median(values), 4) if values else None
+
+
+def max_pixel_difference(a: dict, b: dict) -> tuple[int, int]:
+    import base64
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    def pixels(text):
+        return np.asarray(Image.open(io.BytesIO(base64.b64decode(text))).convert("RGB"), np.int16)
+    keys = sorted(set(a) & set(b))
+    return max((int(np.abs(pixels(a[k]) - pixels(b[k])).max()) for k in keys), default=0), len(keys)
 
 
 def _cpu() -> str:

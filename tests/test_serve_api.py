@@ -76,6 +76,28 @@ def test_random_seed_nulls_and_unknown_keys(server):
     assert info["sampler_name"] == "Euler" and (info["width"], info["height"]) == (64, 64)  # the bundle's size
 
 
+# What real clients send (their source, per the serving reference note): extra keys of their own, nulls.
+CLIENT_PAYLOADS = {
+    "sillytavern": {"prompt": PROMPT, "negative_prompt": "blurry", "sampler_name": "DPM++ 2M", "scheduler": "Karras",
+                    "steps": 3, "cfg_scale": 7, "width": 64, "height": 64, "restore_faces": False, "enable_hr": False,
+                    "hr_scale": 2, "hr_upscaler": "Latent", "hr_second_pass_steps": 0, "denoising_strength": 0.7,
+                    "seed": 5, "save_images": False, "override_settings": {"CLIP_stop_at_last_layers": 1},
+                    "override_settings_restore_afterwards": True, "url": "http://127.0.0.1:7860", "auth": ""},
+    "open-webui": {"prompt": PROMPT, "batch_size": 1, "width": 64, "height": 64, "steps": 3, "negative_prompt": ""},
+    "dify": {"prompt": PROMPT, "negative_prompt": "", "width": 64, "height": 64, "steps": 3, "cfg_scale": 7,
+             "sampler_name": "Euler a", "seed": -1, "lora": "", "model": "sdrt-embedded", "image_id": ""},
+}
+
+
+@pytest.mark.parametrize("client", sorted(CLIENT_PAYLOADS))
+def test_real_clients_payloads(server, client):
+    headers = {"Authorization": "Bearer abc"} if client == "dify" else {}  # ignored: this server has no auth
+    r = post(server, "/sdapi/v1/txt2img", CLIENT_PAYLOADS[client], headers=headers)
+    assert r.status_code == 200, r.text
+    assert len(r.json()["images"]) == 1 and decoded(r.json()["images"][0]).size == (64, 64)
+    assert requests.get(server.base + "/queue/status", timeout=10).json()["queue_size"] == 0  # Krita's ping
+
+
 def test_combined_sampler_labels_resolve_alike(server):
     base = {"prompt": PROMPT, "steps": 4, "seed": 3}
     a = post(server, "/sdapi/v1/txt2img", {**base, "sampler_name": "DPM++ 2M Karras"}).json()

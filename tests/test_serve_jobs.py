@@ -110,7 +110,13 @@ PROMPTS = ["a small red circle on a blue background", "a large green square on a
 
 
 def _together(s, bodies):
+    """The bodies' jobs all waiting at once: queued behind a slow job, which is then cancelled."""
+    blocker = Call(s.base + "/sdapi/v1/txt2img", {**SLOW, "force_task_id": "blocker"})
+    running(s, "blocker")
     calls = [Call(s.base + "/sdapi/v1/txt2img", b) for b in bodies]
+    wait_until(lambda: s.service.counts()["queued"] == len(bodies), what="every job queued")
+    requests.delete(f"{s.base}/sdrt/v1/jobs/blocker", timeout=10)
+    assert blocker.result().status_code == 409
     return [c.result() for c in calls]
 
 
@@ -161,3 +167,10 @@ def test_a_failing_job_fails_alone():
         assert r.status_code == 500 and r.json()["detail"] == "vae_decoder failed: injected"
         again = requests.post(s.base + "/sdapi/v1/txt2img", json=bodies[0], timeout=60)
         assert again.status_code == 200 and again.json()["images"] == ok.json()["images"]
+
+
+def test_batches_stay_within_the_pixel_budget():
+    bodies = [{"prompt": p, "steps": 3, "seed": i} for i, p in enumerate(PROMPTS)]  # 64x64 each
+    with running_server(settings=Settings(batch_window_s=1.0, max_batch=8, max_batch_pixels=2 * 64 * 64)) as s:
+        assert all(r.status_code == 200 for r in _together(s, bodies))
+        assert s.service.stats["batched_runs"] == 2 and s.service.stats["batched_jobs"] == 4

@@ -56,6 +56,13 @@ def internal_progress(query: _TaskQuery, request: Request):
             "textinfo": "Done" if s["state"] == DONE else None}
 
 
+@router.get("/queue/status")
+def queue_status(request: Request):
+    """Gradio's queue route, which some clients (Krita's cyanic-sd plugin) ping before the API."""
+    counts = _service(request).counts()
+    return {"msg": "estimation", "queue_size": counts["queued"], "running": counts["running"]}
+
+
 @router.get("/internal/ping")
 def ping():
     return {}
