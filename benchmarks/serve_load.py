@@ -10,6 +10,9 @@ concurrency, the ratio of throughputs on/off and the latencies; the server's pea
         --json benchmarks/results/serve_embedded.json
     python benchmarks/serve_load.py --model /tmp/sd15/bundle --width 512 --height 512 --steps 4 --requests 2 \\
         --clients 1 4 8 --rounds 1 --json benchmarks/results/serve_sd15.json      # full_size.py sd15 first
+
+(--max-batch-megapixels 1.0 by default here, four 512x512 images per batch: the server's default, 0.25, would not
+batch SD 1.5 at 512x512 at all.)
 """
 from __future__ import annotations
 
@@ -120,7 +123,7 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--max-batch", type=int, default=8)
     ap.add_argument("--window-ms", type=float, default=50.0)
-    ap.add_argument("--max-batch-megapixels", type=float, default=1.0)
+    ap.add_argument("--max-batch-megapixels", type=float, default=1.0, help="the server's; the results used 1.0")
     ap.add_argument("--json", type=Path)
     args = ap.parse_args()
     runs = {"off": [], "on": []}

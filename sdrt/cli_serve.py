@@ -23,9 +23,9 @@ def serve(
     batch_window: float = typer.Option(50.0, "--batch-window", help="Milliseconds a worker waits for more jobs "
                                        "that can share its U-Net calls."),
     max_batch: int = typer.Option(8, "--max-batch", help="Images per batched run (1 turns batching off)."),
-    max_batch_megapixels: float = typer.Option(1.0, "--max-batch-megapixels", help="And at most this many "
-                                               "megapixels per batched run (memory grows with them: 1.0 = four "
-                                               "512x512 images, what SD 1.5 fits in 24 GB with)."),
+    max_batch_megapixels: float = typer.Option(0.25, "--max-batch-megapixels", help="And at most this many "
+                                               "megapixels per batched run (its memory grows with them; 0.25 = one "
+                                               "512x512 image: on the CPU SD 1.5 gains nothing from batching)."),
     workers: int = typer.Option(1, "--workers", help="Worker threads, each with its own copy of every model."),
     job_timeout: float = typer.Option(600.0, "--job-timeout", help="Seconds a job may take, waiting included."),
     drain_timeout: float = typer.Option(30.0, "--drain-timeout", help="On SIGTERM: seconds running jobs may take."),

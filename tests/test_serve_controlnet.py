@@ -72,7 +72,8 @@ def test_lists_and_bad_units(served):
     image = b64_png(_control_image())
     cases = [
         ({"model": "../../x", "image": image}, "ControlNet model '../../x' is not served here; served: "
-         f"{requests.get(s.base + '/controlnet/model_list', timeout=10).json()['model_list'][0]}"),
+         f"{requests.get(s.base + '/controlnet/model_list', timeout=10).json()['model_list'][0]} (sdrt serve "
+         "--controlnet CN_BUNDLE adds one)"),
         ({"model": "control_tiny_canny", "image": image, "module": "openpose"}, "ControlNet unit 0 module 'openpose' "
          "is not one of none, canny, invert, depth; for another preprocessor send its output as the image with "
          "module none"),

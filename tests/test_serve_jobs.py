@@ -174,3 +174,15 @@ def test_batches_stay_within_the_pixel_budget():
     with running_server(settings=Settings(batch_window_s=1.0, max_batch=8, max_batch_pixels=2 * 64 * 64)) as s:
         assert all(r.status_code == 200 for r in _together(s, bodies))
         assert s.service.stats["batched_runs"] == 2 and s.service.stats["batched_jobs"] == 4
+
+
+def test_two_workers_run_two_jobs_at_once():
+    with running_server(settings=Settings(batch_window_s=0.0, workers=2)) as s:
+        url = s.base + "/sdapi/v1/txt2img"
+        calls = [Call(url, {**SLOW, "seed": i, "force_task_id": f"p{i}"}) for i in range(2)]
+        for i in range(2):
+            running(s, f"p{i}")  # both running: each worker has its own copy of the model
+        assert len(s.service.running()) == 2 and len(s.service._pipes) == 2
+        for i in range(2):
+            requests.delete(f"{s.base}/sdrt/v1/jobs/p{i}", timeout=10)
+        assert [c.result().status_code for c in calls] == [409, 409]

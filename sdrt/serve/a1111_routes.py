@@ -155,34 +155,9 @@ def upscalers():
     return [{"name": "None", "model_name": None, "model_path": None, "model_url": None, "scale": 4}]
 
 
-@router.get("/latent-upscale-modes")
-def latent_upscale_modes():
-    return []
-
-
-@router.get("/sd-vae")
-def sd_vae():
-    return []
-
-
-@router.get("/prompt-styles")
-def prompt_styles():
-    return []
-
-
-@router.get("/face-restorers")
-def face_restorers():
-    return []
-
-
-@router.get("/script-info")
-def script_info():
-    return []
-
-
-@router.get("/extensions")
-def extensions():
-    return []
+# What sdrt has none of: the lists clients read at start-up, empty.
+for _path in ("/latent-upscale-modes", "/sd-vae", "/prompt-styles", "/face-restorers", "/script-info", "/extensions"):
+    router.add_api_route(_path, lambda: [], methods=["GET"], name=_path.strip("/"))
 
 
 @router.post("/png-info")
@@ -195,24 +170,10 @@ def png_info(body: PngInfo):
     return {"info": text, "items": items, "parameters": a1111.parse_infotext(text)}
 
 
-@router.post("/refresh-checkpoints")
-def refresh_checkpoints():
-    return None  # the served bundles are fixed at start (sdrt serve --model ...)
-
-
-@router.post("/refresh-loras")
-def refresh_loras():
-    return None  # LoRA folders are listed on every /loras call
-
-
-@router.post("/refresh-vae")
-def refresh_vae():
-    return None
-
-
-@router.post("/refresh-embeddings")
-def refresh_embeddings():
-    return None
+# Refreshes: the served bundles are fixed at start (sdrt serve --model ...), LoRA folders are listed on every /loras
+# call, and there are no VAEs or embedding folders to rescan.
+for _path in ("/refresh-checkpoints", "/refresh-loras", "/refresh-vae", "/refresh-embeddings"):
+    router.add_api_route(_path, lambda: None, methods=["POST"], name=_path.strip("/"))
 
 
 # -- the ControlNet extension's routes ---------------------------------------------------------------------------

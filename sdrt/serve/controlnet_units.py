@@ -10,12 +10,12 @@ does. sdrt resizes the control image to the generation size as diffusers does: `
 from __future__ import annotations
 
 from dataclasses import dataclass
-from pathlib import Path
 
-from ..errors import InvalidRequest, ModelNotServed
+from ..errors import InvalidRequest
 from ..runtime.controls import control_mode
 from ..runtime.preprocess import PREPROCESSORS
 from . import a1111
+from .models import lookup
 
 TITLE = "controlnet"  # A1111 matches alwayson script titles case-insensitively
 MODULES = ("none", *PREPROCESSORS)
@@ -23,21 +23,10 @@ _MODULE_ALIASES = {"invert (from white bg & black line)": "invert"}
 
 
 @dataclass(frozen=True)
-class ServedNet:
-    name: str
-    path: Path
-    hash: str
-
-    @property
-    def title(self) -> str:
-        return f"{self.name} [{self.hash}]"
-
-
-@dataclass(frozen=True)
 class Unit:
     """One checked unit; the worker makes it a runtime Control with its own copy of the net."""
 
-    net: str  # a ServedNet's name
+    net: str  # a served ControlNet's name (models.served_nets)
     image: object  # PIL image
     weight: float
     start: float
@@ -48,26 +37,7 @@ class Unit:
     mode: str
 
 
-def served_nets(paths) -> list[ServedNet]:
-    from ..runtime.controlnet import load_controlnet_manifest
-
-    nets = []
-    for path in paths:
-        manifest = load_controlnet_manifest(Path(path))
-        nets.append(ServedNet(Path(path).resolve().name, Path(path), manifest.short_hash))
-    return nets
-
-
-def find_net(nets: list[ServedNet], wanted) -> ServedNet:
-    key = str(wanted).strip()
-    for net in nets:
-        if key in (net.title, net.name, net.hash) or key.split(" [")[0] == net.name:
-            return net
-    served = ", ".join(n.title for n in nets) or "none (sdrt serve --controlnet CN_BUNDLE adds one)"
-    raise ModelNotServed(f"ControlNet model {key[:200]!r} is not served here; served: {served}")
-
-
-def units(scripts: dict, nets: list[ServedNet], init_image=None) -> list[Unit]:
+def units(scripts: dict, nets: list, init_image=None) -> list[Unit]:
     """alwayson_scripts -> the enabled units; other script titles are the caller's to refuse."""
     args = next((v for k, v in (scripts or {}).items() if k.lower() == TITLE), None)
     if args is None:
@@ -88,7 +58,7 @@ def units(scripts: dict, nets: list[ServedNet], init_image=None) -> list[Unit]:
 
 
 def _unit(i: int, unit: dict, nets, init_image) -> Unit:
-    net = find_net(nets, unit["model"])
+    net = lookup(nets, unit["model"], "ControlNet model", "sdrt serve --controlnet CN_BUNDLE adds one")
     image = unit.get("image") or unit.get("input_image")
     if isinstance(image, dict):  # the extension also takes {"image": b64, "mask": b64}
         image = image.get("image")

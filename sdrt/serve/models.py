@@ -9,23 +9,43 @@ from ..errors import ModelNotServed
 from ..runtime import lora as _lora
 from ..runtime.manifest import load_manifest
 from ..runtime.pipeline import Pipeline
-from .controlnet_units import served_nets
 
 EMBEDDED_NAME = "sdrt-embedded"
 
 
 @dataclass(frozen=True)
-class Served:
-    name: str
-    path: Path | None  # None: the embedded demo model
-    hash: str  # A1111's short hash (10 hex digits)
-    sha256: str
-    width: int  # the bundle's default size
-    height: int
+class Titled:
+    name: str  # the bundle folder's name
+    path: Path | None
+    hash: str  # A1111's short hash: 10 hex digits for models, 8 for ControlNets
 
     @property
     def title(self) -> str:
         return f"{self.name} [{self.hash}]"
+
+
+@dataclass(frozen=True)
+class Served(Titled):
+    sha256: str = ""
+    width: int = 512  # the bundle's default size
+    height: int = 512
+
+
+def lookup(items: list, wanted, what: str, hint: str):
+    """A title, a name, a title without its hash, or a hash -> the item; a typed refusal naming the served ones."""
+    key = str(wanted).strip()
+    for item in items:
+        if key in (item.title, item.name, item.hash, getattr(item, "sha256", None)) or key.split(" [")[0] == item.name:
+            return item
+    served = ", ".join(i.title for i in items) or "none"
+    raise ModelNotServed(f"{what} {key[:200]!r} is not served here; served: {served} ({hint})")
+
+
+def served_nets(paths) -> list[Titled]:
+    """ControlNet bundles requests may name (serve/controlnet_units.py)."""
+    from ..runtime.controlnet import load_controlnet_manifest
+
+    return [Titled(Path(p).resolve().name, Path(p), load_controlnet_manifest(Path(p)).short_hash) for p in paths]
 
 
 @dataclass(frozen=True)
@@ -61,13 +81,7 @@ class ModelSet:
         """A title, model_name, title without the hash, or hash -> the served model."""
         if wanted is None or wanted == "":
             return self.default
-        key = str(wanted).strip()
-        for m in self.models:
-            if key in (m.title, m.name, m.hash, m.sha256) or key.split(" [")[0] == m.name:
-                return m
-        served = ", ".join(m.title for m in self.models)
-        raise ModelNotServed(f"model {str(wanted)[:200]!r} is not served here; served: {served} (sdrt serve "
-                             "--model BUNDLE adds one)")
+        return lookup(self.models, wanted, "model", "sdrt serve --model BUNDLE adds one")
 
     def open_all(self) -> dict[str, Pipeline]:
         o = self.options

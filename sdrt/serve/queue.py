@@ -27,9 +27,11 @@ class Settings:
     queue: int = 64  # jobs waiting (not yet started); one more is a 503
     batch_window_s: float = 0.05
     max_batch: int = 8  # images per batched run; 1 turns batching off
-    # and at most this many pixels (images x width x height) per batched run: its memory grows with them. SD 1.5
-    # at 512x512 on ONNX Runtime's CPU graphs: about 9.5 GB + 1.2 GB per image; 8 images ran out of 24 GB.
-    max_batch_pixels: int = 4 * 512 * 512
+    # and at most this many pixels (images x width x height) per batched run: its memory grows with them. Measured
+    # (benchmarks/results/serve_sd15.json): SD 1.5 at 512x512 peaked at 11.1 GB alone, 23.2 GB in batches of four
+    # (eight ran out of 24 GB), for no gain in throughput on the CPU; so by default one 512x512 image, and up to
+    # max_batch smaller ones (64 at 64x64), where batching pays.
+    max_batch_pixels: int = 512 * 512
     workers: int = 1  # each holds its own copy of every served pipeline
     job_timeout_s: float | None = 600.0
     keep_finished: int = 1000  # finished jobs whose status GET /sdrt/v1/jobs/{id} still answers
@@ -255,7 +257,8 @@ class Service:
             for job, part in batch:
                 job.start_part(part)
             self.stats["runs"] += 1
-            if len(batch) > 1:
+            # TensorRT engines are built per batch size (sdrt build --batch): batched runs are ONNX Runtime's only
+            if len(batch) > 1 and pipes[batch[0][0].work.model].backend != "tensorrt":
                 try:
                     self._run_together(pipes[batch[0][0].work.model], batch)
                     self.stats["batched_runs"] += 1

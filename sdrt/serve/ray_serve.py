@@ -84,12 +84,16 @@ def stop() -> None:
 
 def serve_on_ray(models, settings, access, host, port, replicas, address, cpus, gpus, log=print) -> None:
     """`sdrt serve --ray`: deploy, then wait for SIGTERM or Ctrl-C and shut Serve down."""
-    start(models, settings, access, host, port, replicas, address, cpus, gpus)
-    log(f"sdrt serve --ray: http://{host}:{port} ({replicas} replica(s); models: "
-        f"{', '.join(m.title for m in models.models)})")
+    ray, _ = _ray()
+    ray.init(address=address, include_dashboard=False, log_to_driver=False)
     done = threading.Event()
-    for sig in (signal.SIGTERM, signal.SIGINT):
+    for sig in (signal.SIGTERM, signal.SIGINT):  # after ray.init, which installs handlers of its own
         signal.signal(sig, lambda *_: done.set())
-    done.wait()
-    stop()
-    log("sdrt serve --ray: stopped")
+    try:
+        start(models, settings, access, host, port, replicas, address, cpus, gpus)
+        log(f"sdrt serve --ray: http://{host}:{port} ({replicas} replica(s); models: "
+            f"{', '.join(m.title for m in models.models)})")
+        done.wait()
+    finally:
+        stop()
+        log("sdrt serve --ray: stopped")

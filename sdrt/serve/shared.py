@@ -38,7 +38,7 @@ class Hub:
 
     def __init__(self, default_title: str):
         self.current, self.options = default_title, {}
-        self.commands: list[tuple[int, str, str | None]] = []
+        self.commands: list[tuple[int, str, str | None, str]] = []  # (seq, kind, arg, origin replica)
         self.seq = 0
         self.published: dict[str, tuple[float, list[dict]]] = {}
 

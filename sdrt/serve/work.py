@@ -35,7 +35,7 @@ def img2img_work(body: Img2Img, service, max_prompt_chars: int) -> Work:
     _refuse_unsupported(body)
     if not body.init_images:
         raise NotFound("Init image not found: send init_images as a list of base64-encoded images")
-    image = as_rgb(a1111.decode_image(body.init_images[0], "init_images[0]"))
+    image = init = as_rgb(a1111.decode_image(body.init_images[0], "init_images[0]"))
     mask = None
     if body.mask is not None:
         mask = as_mask(a1111.decode_image(body.mask, "mask"))
@@ -56,7 +56,7 @@ def img2img_work(body: Img2Img, service, max_prompt_chars: int) -> Work:
             image = _filled(image, mask)
         blur = body.mask_blur if body.mask_blur is not None else body.mask_blur_x
         args |= {"mask_blur": blur, "only_masked": body.inpaint_full_res, "padding": body.inpaint_full_res_padding}
-    found = units(body.alwayson_scripts, service.models.nets, init_image=image)
+    found = units(body.alwayson_scripts, service.models.nets, init_image=init)  # as sent, before any fill
     return _replace(work, mode_args={"image": image, "mask": mask, "args": args, "units": found})
 
 
