@@ -25,7 +25,7 @@ def _start(*args):
     def up():
         try:
             return requests.get(base + "/sdapi/v1/sd-models", timeout=1).ok
-        except requests.ConnectionError:
+        except requests.RequestException:  # not listening yet, or too busy starting to answer in time
             if proc.poll() is not None:
                 raise AssertionError(f"sdrt serve exited: {proc.stdout.read()}")
             return False

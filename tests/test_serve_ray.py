@@ -65,6 +65,11 @@ def _background(base, body):
     return t, out
 
 
+def _step(r) -> int:
+    """A job's step, or -1 where the replica answering hasn't heard of it yet."""
+    return r.json()["step"] if r.ok else -1
+
+
 def test_options_progress_jobs_and_interrupt_are_the_same_on_every_replica(cluster):
     import json
 
@@ -82,25 +87,26 @@ def test_options_progress_jobs_and_interrupt_are_the_same_on_every_replica(clust
         requests.post(cluster + "/sdapi/v1/options", json={"sd_model_checkpoint": "sdrt-embedded",
                                                           "CLIP_stop_at_last_layers": 1}, timeout=10)
     thread, out = _background(cluster, {**SLOW, "force_task_id": "far"})
-    wait_until(lambda: get("/sdrt/v1/jobs/far").ok and get("/sdrt/v1/jobs/far").json()["step"] >= 2,
-               what="the job running")
-    time.sleep(0.5)  # its replica has published it
-    seen = [get("/sdrt/v1/jobs/far") for _ in range(8)]
-    assert {r.status_code for r in seen} == {200} and len({r.headers["x-sdrt-replica"] for r in seen}) == 2
-    assert {get("/sdapi/v1/progress").json()["current_task"] for _ in range(6)} == {"far"}
+    wait_until(lambda: _step(get("/sdrt/v1/jobs/far")) >= 2, what="the job running")
+    def everywhere():  # once its replica has published it (every 0.2 s), both replicas answer for it
+        seen = [get("/sdrt/v1/jobs/far") for _ in range(8)]
+        return {r.status_code for r in seen} == {200} and len({r.headers["x-sdrt-replica"] for r in seen}) == 2
+    wait_until(everywhere, timeout=15, what="the job seen from both replicas")
+    wait_until(lambda: {get("/sdapi/v1/progress").json()["current_task"] for _ in range(6)} == {"far"}, timeout=15,
+               what="/progress naming the job on both replicas")
     assert requests.post(cluster + "/sdapi/v1/interrupt", timeout=10).json() == {}
     thread.join(60)
     assert out["r"].status_code == 200 and get("/sdrt/v1/jobs/far").json()["interrupted"]
     thread, out = _background(cluster, {**SLOW, "force_task_id": "gone"})
-    wait_until(lambda: get("/sdrt/v1/jobs/gone").ok and get("/sdrt/v1/jobs/gone").json()["step"] >= 2,
-               what="the second job running")
-    time.sleep(0.5)
+    wait_until(lambda: _step(get("/sdrt/v1/jobs/gone")) >= 2, what="the second job running")
+    wait_until(lambda: all(get("/sdrt/v1/jobs/gone").ok for _ in range(6)), timeout=15,
+               what="the second job seen from both replicas")
     for _ in range(4):  # from whichever replica answers: the job's own, or the other via the hub
         requests.delete(cluster + "/sdrt/v1/jobs/gone", timeout=10)
     thread.join(60)
     assert out["r"].status_code == 409
     # every replica says so once the job's own has published it (each publishes every 0.2 s)
-    wait_until(lambda: all(get("/sdrt/v1/jobs/gone").json()["state"] == "cancelled" for _ in range(4)), timeout=5,
+    wait_until(lambda: all(get("/sdrt/v1/jobs/gone").json()["state"] == "cancelled" for _ in range(4)), timeout=15,
                what="the cancel seen on both replicas")
 
 

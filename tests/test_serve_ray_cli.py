@@ -24,7 +24,7 @@ def test_sdrt_serve_ray_serves_and_stops():
                 raise AssertionError(f"sdrt serve --ray exited: {proc.stdout.read()[-3000:]}")
             try:
                 return requests.get(base + "/sdapi/v1/sd-models", timeout=2).ok
-            except requests.ConnectionError:
+            except requests.RequestException:  # not listening yet, or too busy starting to answer in time
                 return False
         wait_until(up, timeout=120, what="sdrt serve --ray answering")
         r = requests.post(base + "/sdapi/v1/txt2img", json={"prompt": "a red square", "steps": 2, "seed": 1},
