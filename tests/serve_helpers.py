@@ -9,10 +9,14 @@ import time
 from contextlib import contextmanager
 
 import numpy as np
+import pytest
 from PIL import Image
 
-from sdrt.serve import ModelSet, Service, Settings
-from sdrt.serve.app import Access, create_app
+pytest.importorskip("fastapi", reason="the serve extra is not installed")
+pytest.importorskip("uvicorn", reason="the serve extra is not installed")
+
+from sdrt.serve import ModelSet, Service, Settings  # noqa: E402
+from sdrt.serve.app import Access, create_app  # noqa: E402
 
 
 def free_port() -> int:
