@@ -53,7 +53,7 @@ def txt2img_batch(pipe, members: list[Member]) -> list[list]:
     pipe._require_unet(pipe.manifest.latent_channels, "text-to-image")
     if len({shared_key(j) for j in jobs}) > 1:
         raise NotBatchable("these requests differ in size, steps, sampler, guidance on/off, hypernetwork or "
-                             "text options: run them one by one")
+                           "text options: run them one by one")
     conds = [pipe._conditioning(j) for j in jobs]
     if len({tuple((k, v.shape[1:]) for k, v in sorted(c.items())) for c in conds}) > 1:
         raise NotBatchable("these prompts encode to different numbers of 77-token chunks: run them one by one")

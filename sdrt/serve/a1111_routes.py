@@ -92,10 +92,9 @@ def skip(request: Request):
 
 @router.get("/options")
 def get_options(request: Request):
-    service = _service(request)
-    current = service.current
+    current, options = _service(request).chosen()
     return {"samples_format": "png", "CLIP_stop_at_last_layers": 1, "eta_ddim": 0.0, "sd_vae": "Automatic",
-            **service.options, "sd_model_checkpoint": current.title, "sd_checkpoint_hash": current.sha256}
+            **options, "sd_model_checkpoint": current.title, "sd_checkpoint_hash": current.sha256}
 
 
 @router.post("/options")

@@ -2,10 +2,12 @@
 Service, behind optional Basic/Bearer auth, with A1111's error shape and a body size limit."""
 from __future__ import annotations
 
+import base64
+import binascii
 import json
 import os
-import socket
 import secrets
+import socket
 import time
 from dataclasses import dataclass
 
@@ -59,8 +61,6 @@ def _authenticate(request: Request) -> None:
             return
         raise _unauthorized("Incorrect API key")
     if scheme.lower() == "basic" and access.users:
-        import base64
-        import binascii
         try:
             user, _, password = base64.b64decode(value.strip(), validate=True).decode("utf-8").partition(":")
         except (binascii.Error, UnicodeDecodeError):

@@ -37,6 +37,7 @@ class Job:
         self.work = work
         self.state, self.error = QUEUED, None
         self.created, self.started, self.finished = time.time(), None, None
+        self.timeout_s = timeout_s
         self.deadline = None if timeout_s is None else self.created + timeout_s
         self.next_part, self.parts_done = 0, 0  # parts taken by workers / finished
         self.step, self.steps = 0, 0  # of the part running now
@@ -45,7 +46,6 @@ class Job:
         self._lock = threading.Lock()
         self._done = threading.Event()
         self._waiters: list[Callable[[], None]] = []
-        self.version = 0  # bumped on every change: the events stream sends one message per version
 
     # -- what workers call -------------------------------------------------------------------------------------
     def seeds_of(self, part: int) -> list[int]:
@@ -57,17 +57,19 @@ class Job:
             if self.state == QUEUED:
                 self.state, self.started = RUNNING, time.time()
             self.step, self.steps = 0, 0
-            self._changed()
 
     def progress(self, done: int, total: int) -> None:
         self.step, self.steps = done, total
-        self._changed()
 
     def should_stop(self, part: int) -> bool:
-        if self.deadline is not None and time.time() > self.deadline and self.state not in FINAL:
-            self.finish(error=JobTimedOut(f"job {self.id} ran past its timeout ({self._timeout():.0f} s; sdrt "
-                                          "serve --job-timeout S)"))
+        self.check_deadline()
         return self.state in FINAL or self.interrupted or part in self.skipped
+
+    def check_deadline(self) -> None:
+        """Past its timeout (waiting included), the job ends with a JobTimedOut (504)."""
+        if self.deadline is not None and time.time() > self.deadline and self.state not in FINAL:
+            self.finish(error=JobTimedOut(f"job {self.id} ran past its timeout ({self.timeout_s:.0f} s; sdrt "
+                                          "serve --job-timeout S)"))
 
     def part_done(self, part: int, images: list) -> None:
         with self._lock:
@@ -87,7 +89,6 @@ class Job:
             self.state = DONE if error is None else CANCELLED if isinstance(error, JobCancelled) else FAILED
             self.error, self.finished = error, time.time()
             waiters, self._waiters = self._waiters, []
-            self._changed()
         self._done.set()
         for wake in waiters:
             wake()
@@ -124,16 +125,10 @@ class Job:
             eta = max(elapsed / fraction - elapsed, 0.0)
         return {"id": self.id, "state": self.state, "model": self.work.model, "mode": self.work.mode,
                 "step": self.step, "steps": self.steps, "part": min(self.parts_done + 1, self.work.n_iter),
-                "parts": self.work.n_iter, "parts_done": self.parts_done, "skipped": bool(self.skipped), "progress": round(fraction, 4), "eta": eta,
-                "queue_position": queue_position, "interrupted": self.interrupted,
+                "parts": self.work.n_iter, "parts_done": self.parts_done, "skipped": bool(self.skipped),
+                "progress": round(fraction, 4), "eta": eta, "queue_position": queue_position, "interrupted": self.interrupted,
                 "error": None if self.error is None else _describe(self.error),
                 "created": self.created, "started": self.started, "finished": self.finished}
-
-    def _timeout(self) -> float:
-        return (self.deadline or self.created) - self.created
-
-    def _changed(self) -> None:
-        self.version += 1
 
 
 def status_of(error: Exception) -> int:

@@ -11,7 +11,7 @@ import time
 from dataclasses import dataclass
 
 from ..errors import JobCancelled, NotFound, QueueFull
-from ..runtime.batch import Member, NotBatchable, txt2img_batch
+from ..runtime.batch import Member, txt2img_batch
 from .controlnet_units import controls
 from .jobs import FINAL, QUEUED, RUNNING, Job, Work
 from .models import ModelSet
@@ -99,13 +99,6 @@ class Service:
             self._cond.notify_all()
         return job
 
-    def get(self, job_id: str) -> Job:
-        job = self._jobs.get(job_id)
-        if job is None:
-            raise NotFound(f"no job with id {job_id[:100]!r} (finished jobs are kept for the last "
-                           f"{self.settings.keep_finished})")
-        return job
-
     def cancel(self, job: Job, reason: str = "cancelled by the client") -> None:
         with self._cond:
             if job in self._waiting:
@@ -116,29 +109,31 @@ class Service:
         return self._jobs.get(job_id)
 
     def embedding_names(self) -> list[str]:
-        pipe = self._pipes[0][self.current.name] if self._pipes else None
+        pipe = self._current_pipe()
         return sorted(pipe.text.embeddings) if pipe is not None else []
 
     def hypernetwork_names(self) -> list[str]:
-        pipe = self._pipes[0][self.current.name] if self._pipes else None
+        pipe = self._current_pipe()
         return sorted(pipe.manifest.hypernetworks) if pipe is not None else []
+
+    def _current_pipe(self):
+        """The first worker's pipeline of the server's model (None before start)."""
+        return self._pipes[0][self.chosen()[0].name] if self._pipes else None
 
     def running(self) -> list[Job]:
         return [j for j in list(self._jobs.values()) if j.state == RUNNING]
 
     # -- what A1111 keeps global (shared.py: across replicas under Ray Serve) ---------------------------------------
-    @property
-    def current(self):
-        return self.models.find(self.shared.settings()[0])
-
-    @property
-    def options(self) -> dict:
-        return self.shared.settings()[1]
+    def chosen(self):
+        """(the served model, the options clients set): one read of the shared state (a Ray call under Ray)."""
+        title, options = self.shared.settings()
+        return self.models.find(title), options
 
     def set_options(self, options: dict) -> None:
-        current = self.current
         if "sd_model_checkpoint" in options:
             current = self.models.find(options["sd_model_checkpoint"])  # a served name, or a 400
+        else:
+            current = self.chosen()[0]
         rest = {k: v for k, v in options.items() if k not in ("sd_model_checkpoint", "sd_checkpoint_hash")}
         self.shared.set_settings(current.title, rest)
 
@@ -270,10 +265,8 @@ class Service:
                 self._run_alone(pipes[job.work.model], nets, job, part)
 
     def _run_together(self, pipe, batch) -> None:
-        members = [Member(job.work.prompt, {**job.work.options, "seed": job.seeds_of(part)[0],
-                                            "batch": job.work.batch_size},
-                          progress=job.progress, stop=lambda job=job, part=part: job.should_stop(part))
-                   for job, part in batch]
+        members = [Member(job.work.prompt, _part_options(job, part), progress=job.progress,
+                          stop=lambda job=job, part=part: job.should_stop(part)) for job, part in batch]
         results = txt2img_batch(pipe, members)
         for (job, part), images in zip(batch, results):
             job.part_done(part, images)
@@ -282,8 +275,7 @@ class Service:
         if job.is_final:
             return
         w = job.work
-        options = {**w.options, "seed": job.seeds_of(part)[0], "batch": w.batch_size, "progress": job.progress,
-                   "stop": lambda: job.should_stop(part)}
+        options = {**_part_options(job, part), "progress": job.progress, "stop": lambda: job.should_stop(part)}
         try:
             if w.mode_args.get("units"):
                 options["controls"] = controls(w.mode_args["units"], nets)
@@ -300,8 +292,13 @@ class Service:
         job.part_done(part, images)
 
 
+def _part_options(job: Job, part: int) -> dict:
+    """The pipeline options of one part (iteration) of a job: its seeds start at seed + part x batch_size."""
+    return {**job.work.options, "seed": job.seeds_of(part)[0], "batch": job.work.batch_size}
+
+
 def _pixels(work: Work) -> int:
     return max(work.options.get("width") or 512, 1) * max(work.options.get("height") or 512, 1)
 
 
-__all__ = ["Service", "Settings", "NotBatchable"]
+__all__ = ["Service", "Settings"]

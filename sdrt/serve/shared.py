@@ -9,8 +9,8 @@ import time
 KEEP_FINISHED_S = 120.0  # how long other replicas still see a finished job's status
 
 
-class Local:
-    """One server's own state."""
+class Chosen:
+    """The model and options clients chose (POST /options): one server's, or the hub's for all replicas."""
 
     def __init__(self, default_title: str):
         self._current, self._options = default_title, {}
@@ -21,6 +21,10 @@ class Local:
     def set_settings(self, current: str, options: dict) -> None:
         self._current = current
         self._options.update(options)
+
+
+class Local(Chosen):
+    """One server's own state."""
 
     def broadcast(self, kind: str, arg: str | None = None) -> None:
         """interrupt / skip / cancel for other replicas: there are none."""
@@ -33,21 +37,14 @@ class Local:
         pass
 
 
-class Hub:
-    """The Ray actor behind Shared (ray.remote(Hub)): settings, a numbered command log, replicas' job statuses."""
+class Hub(Chosen):
+    """The Ray actor behind OnHub (ray.remote(Hub)): settings, a numbered command log, replicas' job statuses."""
 
     def __init__(self, default_title: str):
-        self.current, self.options = default_title, {}
+        super().__init__(default_title)
         self.commands: list[tuple[int, str, str | None, str]] = []  # (seq, kind, arg, origin replica)
         self.seq = 0
         self.published: dict[str, tuple[float, list[dict]]] = {}
-
-    def settings(self) -> tuple[str, dict]:
-        return self.current, dict(self.options)
-
-    def set_settings(self, current: str, options: dict) -> None:
-        self.current = current
-        self.options.update(options)
 
     def command(self, kind: str, arg: str | None, origin: str) -> None:
         self.seq += 1

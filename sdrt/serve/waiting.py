@@ -3,12 +3,11 @@ from __future__ import annotations
 
 import asyncio
 import json
-import time
 
 from fastapi import Request
 from fastapi.responses import StreamingResponse
 
-from ..errors import JobTimedOut, SdrtError
+from ..errors import SdrtError
 from .jobs import FINAL, Job
 from .queue import Service
 
@@ -25,9 +24,8 @@ async def wait_for(job: Job, request: Request, service: Service) -> None:
             await asyncio.wait({done}, timeout=POLL_S)
             if done.done():
                 break
-            if job.deadline is not None and time.time() > job.deadline:
-                job.finish(JobTimedOut(f"job {job.id} ran past its timeout; sdrt serve --job-timeout S"))
-            elif await request.is_disconnected():
+            job.check_deadline()
+            if not job.is_final and await request.is_disconnected():
                 service.cancel(job, "cancelled: its client disconnected")
     except asyncio.CancelledError:  # the server is stopping this request (shutdown past the drain timeout)
         service.cancel(job, "cancelled: the server stopped waiting for it")

@@ -1,7 +1,9 @@
 """A1111 request bodies -> sdrt jobs (Work), and finished jobs -> A1111 responses."""
 from __future__ import annotations
 
-from PIL import Image, ImageOps
+from dataclasses import replace
+
+from PIL import Image, ImageOps, ImageStat
 
 from ..errors import InvalidRequest, NotFound
 from ..runtime import hypernetworks, lora, request
@@ -24,11 +26,11 @@ def txt2img_work(body: Txt2Img, service, max_prompt_chars: int) -> Work:
     work = _common(body, service, "txt2img", max_prompt_chars)
     found = units(body.alwayson_scripts, service.models.nets)
     if found:  # ControlNet jobs run alone
-        return _replace(work, mode_args={"units": found})
+        return replace(work, mode_args={"units": found})
     o = work.options
     key = (work.model, o["height"], o["width"], o["steps"], o["sampler"], o["eta"], o["guidance"] > 1.0,
            o["clip_skip"], tuple(lora.parse_tags(work.prompt)[1]), tuple(hypernetworks.parse_tags(work.prompt)))
-    return _replace(work, batch_key=key)
+    return replace(work, batch_key=key)
 
 
 def img2img_work(body: Img2Img, service, max_prompt_chars: int) -> Work:
@@ -57,7 +59,7 @@ def img2img_work(body: Img2Img, service, max_prompt_chars: int) -> Work:
         blur = body.mask_blur if body.mask_blur is not None else body.mask_blur_x
         args |= {"mask_blur": blur, "only_masked": body.inpaint_full_res, "padding": body.inpaint_full_res_padding}
     found = units(body.alwayson_scripts, service.models.nets, init_image=init)  # as sent, before any fill
-    return _replace(work, mode_args={"image": image, "mask": mask, "args": args, "units": found})
+    return replace(work, mode_args={"image": image, "mask": mask, "args": args, "units": found})
 
 
 def response(body: Generation, job: Job, service) -> dict:
@@ -82,8 +84,9 @@ def _common(body: Generation, service, mode: str, max_prompt_chars: int) -> Work
             raise InvalidRequest(f"{what} has {len(text)} characters; this server takes at most {max_prompt_chars} "
                                  "(sdrt serve --max-prompt-chars N)")
     overrides = body.override_settings or {}
-    current, server_options = service.shared.settings()  # the server's model and options (one call to a Ray hub)
-    served = service.models.find(overrides.get("sd_model_checkpoint") or current)
+    current, server_options = service.chosen()
+    wanted = overrides.get("sd_model_checkpoint")
+    served = service.models.find(wanted) if wanted else current
     manifest_f = 8  # every SD family's VAE scale factor; the pipeline checks the rest
     width = None if body.width is None else request.check_size(body.width, "width", manifest_f)
     height = None if body.height is None else request.check_size(body.height, "height", manifest_f)
@@ -136,11 +139,6 @@ def _filled(image: Image.Image, mask: Image.Image) -> Image.Image:
     keep = mask.point(lambda v: 255 if v < 128 else 0)
     if keep.getbbox() is None:
         return image
-    from PIL import ImageStat
     mean = tuple(round(c) for c in ImageStat.Stat(image, keep).mean)
     return Image.composite(image, Image.new("RGB", image.size, mean), keep)
 
-
-def _replace(work: Work, **changes) -> Work:
-    from dataclasses import replace
-    return replace(work, **changes)
