@@ -5,6 +5,8 @@ import subprocess
 import sys
 import textwrap
 
+import pytest
+
 BLOCKER = textwrap.dedent("""
     import importlib.abc, sys
     BLOCKED = {"torch", "diffusers", "transformers", "onnx", "safetensors", "accelerate"}
@@ -17,27 +19,37 @@ BLOCKER = textwrap.dedent("""
 
     sys.meta_path.insert(0, Block())
 """)
+NOTHING_LOADED = textwrap.dedent("""
+    loaded = sorted(m for m in sys.modules if m.split(".")[0] in BLOCKED)
+    assert not loaded, loaded
+    print("ok")
+""")
+
+
+def run_blocked(script: str, timeout: int = 300) -> subprocess.CompletedProcess:
+    """`script` in a fresh process where the blocked packages can't be imported; it must end having imported none
+    of them, and exit 0."""
+    done = subprocess.run([sys.executable, "-c", BLOCKER + textwrap.dedent(script) + NOTHING_LOADED],
+                          capture_output=True, text=True, timeout=timeout)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.strip().endswith("ok")
+    return done
 
 
 def test_generates_without_torch_diffusers_transformers_or_onnx(bundles, tmp_path):
-    script = BLOCKER + textwrap.dedent(f"""
+    run_blocked(f"""
         import sdrt, numpy as np
         from sdrt.cli import main
         pipe = sdrt.Pipeline.load({str(bundles['sd2'])!r})
         image = pipe.txt2img("a red circle on a blue background", steps=3, seed=1)[0]
         assert image.size == (64, 64) and np.asarray(image).std() > 10
-        loaded = sorted(m for m in sys.modules if m.split(".")[0] in BLOCKED)
-        assert not loaded, loaded
         try:
             main(["generate", "a cat", "--model", {str(bundles['sd1'])!r}, "--out", {str(tmp_path / 'cli.png')!r},
                   "--steps", "2", "--seed", "3"])
         except SystemExit as e:
             assert e.code == 0, e.code
-        print("ok")
     """)
-    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, done.stderr[-2000:]
-    assert done.stdout.strip().endswith("ok") and (tmp_path / "cli.png").is_file()
+    assert (tmp_path / "cli.png").is_file()
 
 
 def test_export_without_torch_says_what_to_install(tmp_path):
@@ -53,10 +65,8 @@ def test_export_without_torch_says_what_to_install(tmp_path):
 
 def test_the_server_runs_without_torch():
     """sdrt serve's app answers a txt2img request in a process where torch and the exporter can't be imported."""
-    import pytest
-
     pytest.importorskip("uvicorn", reason="the serve extra is not installed")
-    script = BLOCKER + textwrap.dedent("""
+    run_blocked("""
         import json, socket, threading, time, urllib.request
         import uvicorn
         from sdrt.serve import ModelSet, Service, Settings, create_app
@@ -76,10 +86,4 @@ def test_the_server_runs_without_torch():
             assert r.status == 200 and len(json.loads(r.read())["images"]) == 1
         server.should_exit = True
         service.close()
-        loaded = sorted(m for m in sys.modules if m.split(".")[0] in BLOCKED)
-        assert not loaded, loaded
-        print("ok")
     """)
-    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, done.stderr[-2000:]
-    assert done.stdout.strip().endswith("ok")
