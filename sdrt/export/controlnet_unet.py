@@ -30,9 +30,10 @@ GRAPHS = {names.MODEL_FILE: names.CONTROLNET_MODEL_FILE, names.CPU_MODEL_FILE: n
 
 
 def residual_layout(unet_config: dict) -> list[dict]:
-    """{"name", "channels", "level"} of each residual (the manifest's `residuals` entries) diffusers' U-Net takes, down 0..N-1 then mid, from its
-    config: conv_in's output, each down block's layers, and its downsampler (all but the last block). Level L:
-    the latent size halved L times (each downsampler is a stride-2 convolution: ceil(n / 2))."""
+    """{"name", "channels", "level"} (the manifest's `residuals` entries) of each residual diffusers' U-Net takes,
+    down 0..N-1 then mid, from its config: conv_in's output, each down block's layers, and its downsampler (all but
+    the last block). Level L: the latent size halved L times (each downsampler is a stride-2 convolution:
+    ceil(n / 2))."""
     channels = [int(c) for c in unet_config["block_out_channels"]]
     layers = unet_config["layers_per_block"]
     layers = [int(layers)] * len(channels) if isinstance(layers, int) else [int(n) for n in layers]
@@ -42,8 +43,8 @@ def residual_layout(unet_config: dict) -> list[dict]:
         if i < len(channels) - 1:
             level += 1
             out.append((c, level))
-    names_ = [names.down_residual(i) for i in range(len(out))] + [names.MID_RESIDUAL]
-    return [{"name": n, "channels": c, "level": lv} for n, (c, lv) in zip(names_, out + [(channels[-1], level)])]
+    inputs = [names.down_residual(i) for i in range(len(out))] + [names.MID_RESIDUAL]
+    return [{"name": n, "channels": c, "level": lv} for n, (c, lv) in zip(inputs, out + [(channels[-1], level)])]
 
 
 def residual_feeds(layout, batch: int, h: int, w: int, rng: np.random.Generator | None = None) -> dict:
